@@ -1,0 +1,538 @@
+//! The batch consumer: a poller thread that owns the Kafka consumer, and a
+//! runner on tokio that hands each batch to the handler.
+//!
+//! ```text
+//!  poller thread (owns BaseConsumer)          runner (process's own task)
+//!  poll -> decode -> cut batch  --batches-->  handler(batch).await
+//!  commit finished offsets      <-outcomes--  Ok / Err
+//!  pause partitions when the batch channel is full, keep polling
+//! ```
+//!
+//! Every call on the Kafka consumer happens on the poller thread, commits
+//! included; offsets are committed from the [`OffsetTracker`], which only
+//! ever moves past records whose batch finished `Ok`.
+//!
+//! [`OffsetTracker`]: crate::offsets::OffsetTracker
+
+mod batch;
+mod poller;
+mod rebalance;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use crate::envelope::Message;
+use crate::error::{BoxError, Error};
+use crate::metrics::ConsumerMetrics;
+use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::settings::ConsumerSettings;
+
+use batch::Batch;
+use rebalance::PollerContext;
+
+/// Consumes batches of enveloped JSON messages and commits each batch's
+/// offsets only after the handler returned `Ok`.
+///
+/// ```no_run
+/// use kafka_batch::{Consumer, Message, Settings};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Event {
+///     title: String,
+/// }
+///
+/// # async fn run() -> anyhow::Result<()> {
+/// let settings = Settings::load()?;
+/// let consumer = Consumer::new(&settings.consumer)?;
+/// consumer.handle().shutdown_on_signals();
+/// consumer
+///     .process(async |batch: Vec<Message<Event>>| {
+///         for message in &batch {
+///             println!("{}: {}", message.id, message.payload.title);
+///         }
+///         anyhow::Ok(())
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    consumer: BaseConsumer<PollerContext>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<ToPoller>,
+    settings: ConsumerSettings,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("group_id", &self.settings.group_id)
+            .field("topics", &self.settings.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// Creates the consumer and subscribes to `settings.topics`.
+    ///
+    /// Fails with an error naming the setting when the settings cannot work.
+    pub fn new(settings: &ConsumerSettings) -> Result<Consumer, Error> {
+        let config = settings.client_config()?;
+        let (events, inbox) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(PollerState {
+                tracker: OffsetTracker::default(),
+                inbox: Some(inbox),
+                in_flight: Vec::new(),
+                paused: false,
+                handler_failed: false,
+            }),
+            stopping: AtomicBool::new(false),
+            rebalance_epoch: AtomicU64::new(0),
+            stats: StatsCounters::default(),
+            metrics: ConsumerMetrics::new(&settings.service),
+            revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
+            commit: settings.commit,
+        });
+        let consumer: BaseConsumer<PollerContext> =
+            config.create_with_context(PollerContext::new(Arc::clone(&shared)))?;
+        let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Consumer {
+            consumer,
+            shared,
+            events,
+            settings: settings.clone(),
+        })
+    }
+
+    /// A handle to stop the consumer, commit by hand, or read its counters,
+    /// from anywhere (the handler included).
+    pub fn handle(&self) -> ConsumerHandle {
+        ConsumerHandle {
+            shared: Arc::clone(&self.shared),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Runs `handler` on every batch until the consumer is shut down (then
+    /// returns `Ok`) or the handler fails (then returns its error, having
+    /// committed nothing of the failed batch).
+    ///
+    /// The handler takes the batch's messages, decoded into `T`, and returns
+    /// `Ok(())` or any error (`anyhow::Error`, `std::io::Error`, ...). Only
+    /// after `Ok` are the batch's offsets committed.
+    pub async fn process<T, F, E>(self, mut handler: F) -> Result<(), Error>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
+        E: Into<BoxError>,
+    {
+        let (batches_tx, mut batches_rx) =
+            tokio::sync::mpsc::channel::<Batch<T>>(self.settings.prefetch_batches);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let Consumer {
+            consumer,
+            shared,
+            events,
+            settings,
+        } = self;
+        let poller_shared = Arc::clone(&shared);
+        let poller = std::thread::Builder::new()
+            .name("kafka-batch-poller".into())
+            // Deep (but allowed) histories are parsed recursively on this thread.
+            .stack_size(8 * 1024 * 1024)
+            .spawn(move || {
+                let result = poller::run(consumer, poller_shared, batches_tx, &settings);
+                let _ = done_tx.send(result);
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the poller thread: {e}")))?;
+
+        let mut failure = None;
+        while let Some(batch) = batches_rx.recv().await {
+            if shared.stopping.load(Ordering::Acquire) {
+                // Shutting down: only the batch in hand finishes; this one is
+                // left uncommitted for the next owner.
+                let _ = events.send(ToPoller::Abandoned { batch: batch.id });
+                continue;
+            }
+            let id = batch.id;
+            match run_handler(&mut handler, batch, &shared).await {
+                Ok(()) => {
+                    let _ = events.send(ToPoller::Finished { batch: id });
+                }
+                Err(e) => {
+                    let _ = events.send(ToPoller::Failed { batch: id });
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(batches_rx);
+        let poller_result = done_rx
+            .await
+            .unwrap_or_else(|_| Err(Error::Internal("the poller thread panicked".into())));
+        let _ = poller.join();
+        match failure {
+            Some(e) => {
+                if let Err(poller_error) = poller_result {
+                    tracing::error!(error = %poller_error, "the consumer also failed while stopping");
+                }
+                Err(e)
+            }
+            None => poller_result,
+        }
+    }
+
+    /// Like [`Consumer::process`], for a synchronous handler: each batch runs
+    /// on tokio's blocking pool, so a handler that blocks does not stall the
+    /// runtime.
+    pub async fn process_blocking<T, F, E>(self, handler: F) -> Result<(), Error>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Vec<Message<T>>) -> Result<(), E> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let handler = Arc::new(Mutex::new(handler));
+        self.process(async |batch: Vec<Message<T>>| -> Result<(), BoxError> {
+            let handler = Arc::clone(&handler);
+            let ran = tokio::task::spawn_blocking(move || {
+                let mut handler = handler.lock().unwrap_or_else(PoisonError::into_inner);
+                (*handler)(batch).map_err(Into::into)
+            })
+            .await;
+            match ran {
+                Ok(result) => result,
+                Err(join_error) => Err(Box::new(join_error) as BoxError),
+            }
+        })
+        .await
+    }
+}
+
+/// Runs the handler on one batch inside a span naming the batch.
+async fn run_handler<T, F, E>(
+    handler: &mut F,
+    batch: Batch<T>,
+    shared: &Shared,
+) -> Result<(), Error>
+where
+    F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
+    E: Into<BoxError>,
+{
+    let batch_ref = batch.batch_ref().to_string();
+    let count = batch.messages.len();
+    let span = tracing::info_span!("kafka_batch", batch = %batch_ref, messages = count);
+    let started = Instant::now();
+    let result = handler(batch.messages).instrument(span.clone()).await;
+    let metrics = &shared.metrics;
+    metrics
+        .process_seconds
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => {
+            metrics.process_count.increment(count as u64);
+            metrics.batches_ok.increment(1);
+            metrics.batch_messages.record(count as f64);
+            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .messages
+                .fetch_add(count as u64, Ordering::Relaxed);
+            span.in_scope(|| {
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "batch handled"
+                )
+            });
+            Ok(())
+        }
+        Err(e) => {
+            metrics.batches_failed.increment(1);
+            let source: BoxError = e.into();
+            span.in_scope(|| tracing::error!(error = %source, "the handler failed; the batch is not committed"));
+            Err(Error::Handler {
+                batch: batch_ref,
+                source,
+            })
+        }
+    }
+}
+
+/// Controls a running consumer. Cheap to clone; usable from the handler.
+#[derive(Clone)]
+pub struct ConsumerHandle {
+    shared: Arc<Shared>,
+    events: mpsc::Sender<ToPoller>,
+}
+
+impl std::fmt::Debug for ConsumerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerHandle")
+            .field("stopping", &self.is_shutting_down())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerHandle {
+    /// Stops the consumer after the batch in hand: that batch finishes and is
+    /// committed, the consumer leaves its group, and `process` returns `Ok`.
+    /// Batches prepared but not started are left for the next owner.
+    pub fn shutdown(&self) {
+        if !self.shared.stopping.swap(true, Ordering::AcqRel) {
+            tracing::info!("consumer shutting down after the batch in hand");
+        }
+    }
+
+    /// True once [`ConsumerHandle::shutdown`] was called or the consumer is stopping.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    /// Spawns a task that calls [`ConsumerHandle::shutdown`] on SIGINT (Ctrl-C)
+    /// or SIGTERM. Call it from inside a tokio runtime.
+    pub fn shutdown_on_signals(&self) -> tokio::task::JoinHandle<()> {
+        let handle = self.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            handle.shutdown();
+        })
+    }
+
+    /// Commits offsets by hand (`offset` is the next offset to read), for a
+    /// consumer with `commit = false`. Partitions this consumer does not own
+    /// any more are left out. Returns when the broker answered.
+    pub async fn commit<'a>(
+        &self,
+        offsets: impl IntoIterator<Item = (&'a str, i32, i64)>,
+    ) -> Result<(), Error> {
+        let offsets = offsets
+            .into_iter()
+            .map(|(topic, partition, offset)| (TopicPartition::new(topic, partition), offset))
+            .collect();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let closed = || Error::Internal("the consumer has stopped; nothing was committed".into());
+        self.events
+            .send(ToPoller::Commit { offsets, reply })
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?.map_err(Error::Commit)
+    }
+
+    /// Commits, for each partition of `messages`, the offset after the last
+    /// of them (for a consumer with `commit = false`).
+    pub async fn commit_messages<T>(&self, messages: &[Message<T>]) -> Result<(), Error> {
+        let mut next: Vec<(&str, i32, i64)> = Vec::new();
+        for origin in messages.iter().filter_map(Message::origin) {
+            match next
+                .iter_mut()
+                .find(|(t, p, _)| *p == origin.partition && *t == &*origin.topic)
+            {
+                Some(entry) => entry.2 = entry.2.max(origin.offset + 1),
+                None => next.push((&origin.topic, origin.partition, origin.offset + 1)),
+            }
+        }
+        self.commit(next).await
+    }
+
+    /// The consumer's counters so far.
+    pub fn stats(&self) -> ConsumerStats {
+        self.shared.stats.snapshot()
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the consumer");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// What a consumer has done so far (see [`ConsumerHandle::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Batches the handler finished `Ok`.
+    pub batches: u64,
+    /// Messages in those batches.
+    pub messages: u64,
+    /// Successful offset commits.
+    pub commits: u64,
+    /// Failed offset commits (each retried).
+    pub commit_failures: u64,
+    /// Partitions assigned to this consumer, counted per assignment.
+    pub assigned: u64,
+    /// Partitions revoked from this consumer, counted per revoke.
+    pub revoked: u64,
+    /// Times the poller paused its partitions because the handler was busy.
+    pub pauses: u64,
+    /// Tombstones and records of unsubscribed topics skipped.
+    pub skipped: u64,
+    /// Records that could not be decoded.
+    pub decode_errors: u64,
+}
+
+#[derive(Default)]
+struct StatsCounters {
+    batches: AtomicU64,
+    messages: AtomicU64,
+    commits: AtomicU64,
+    commit_failures: AtomicU64,
+    assigned: AtomicU64,
+    revoked: AtomicU64,
+    pauses: AtomicU64,
+    skipped: AtomicU64,
+    decode_errors: AtomicU64,
+}
+
+impl StatsCounters {
+    fn snapshot(&self) -> ConsumerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ConsumerStats {
+            batches: get(&self.batches),
+            messages: get(&self.messages),
+            commits: get(&self.commits),
+            commit_failures: get(&self.commit_failures),
+            assigned: get(&self.assigned),
+            revoked: get(&self.revoked),
+            pauses: get(&self.pauses),
+            skipped: get(&self.skipped),
+            decode_errors: get(&self.decode_errors),
+        }
+    }
+}
+
+/// State shared by the poller loop, its rebalance callbacks, the runner and handles.
+struct Shared {
+    /// Locked by the poller loop between polls and by the rebalance
+    /// callbacks (which run inside `poll`, on the same thread).
+    state: Mutex<PollerState>,
+    stopping: AtomicBool,
+    /// Bumped on every assign and revoke, so the loop knows to drop buffered
+    /// records of partitions whose generation changed.
+    rebalance_epoch: AtomicU64,
+    stats: StatsCounters,
+    metrics: ConsumerMetrics,
+    revoke_timeout: Duration,
+    commit: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, PollerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct PollerState {
+    tracker: OffsetTracker,
+    /// Outcomes and commands for the poller; dropped when it exits.
+    inbox: Option<mpsc::Receiver<ToPoller>>,
+    /// Batches handed to the runner and not yet reported.
+    in_flight: Vec<InFlight>,
+    paused: bool,
+    handler_failed: bool,
+}
+
+/// A batch handed to the runner: which ranges it holds.
+struct InFlight {
+    id: u64,
+    ranges: Vec<(TopicPartition, crate::offsets::Generation, i64)>,
+}
+
+enum ToPoller {
+    Finished {
+        batch: u64,
+    },
+    Failed {
+        batch: u64,
+    },
+    Abandoned {
+        batch: u64,
+    },
+    Commit {
+        offsets: Vec<(TopicPartition, i64)>,
+        reply: tokio::sync::oneshot::Sender<Result<(), KafkaError>>,
+    },
+}
+
+impl PollerState {
+    /// Applies every outcome and command waiting, without blocking.
+    fn drain(&mut self, consumer: &BaseConsumer<PollerContext>, shared: &Shared) {
+        while let Some(event) = self.inbox.as_ref().and_then(|i| i.try_recv().ok()) {
+            self.apply(event, consumer, shared);
+        }
+    }
+
+    /// Waits up to `timeout` for one outcome or command and applies it.
+    fn wait_one(
+        &mut self,
+        timeout: Duration,
+        consumer: &BaseConsumer<PollerContext>,
+        shared: &Shared,
+    ) {
+        let event = match &self.inbox {
+            Some(inbox) => inbox.recv_timeout(timeout).ok(),
+            None => None,
+        };
+        if let Some(event) = event {
+            self.apply(event, consumer, shared);
+        }
+    }
+
+    fn apply(&mut self, event: ToPoller, consumer: &BaseConsumer<PollerContext>, shared: &Shared) {
+        match event {
+            ToPoller::Finished { batch } => {
+                if let Some(done) = self.take_in_flight(batch) {
+                    for (tp, generation, first) in &done.ranges {
+                        if !self.tracker.finished(tp, *generation, *first) {
+                            tracing::debug!(partition = %tp, "result for a partition no longer owned dropped");
+                        }
+                    }
+                }
+            }
+            ToPoller::Failed { batch } => {
+                self.take_in_flight(batch);
+                self.handler_failed = true;
+            }
+            ToPoller::Abandoned { batch } => {
+                self.take_in_flight(batch);
+            }
+            ToPoller::Commit { offsets, reply } => {
+                let owned: Vec<(TopicPartition, i64)> = offsets
+                    .into_iter()
+                    .filter(|(tp, _)| self.tracker.generation(tp).is_some())
+                    .collect();
+                let _ = reply.send(poller::commit_offsets(consumer, &owned, shared).map(|()| {
+                    for (tp, offset) in &owned {
+                        self.tracker.committed(tp, *offset);
+                    }
+                }));
+            }
+        }
+    }
+
+    fn take_in_flight(&mut self, batch: u64) -> Option<InFlight> {
+        let i = self.in_flight.iter().position(|b| b.id == batch)?;
+        Some(self.in_flight.swap_remove(i))
+    }
+}

@@ -1,0 +1,247 @@
+//! Cutting batches: up to `batch_size` messages, `max_batch_bytes` bytes, or
+//! whatever arrived when `batch_timeout_ms` passed.
+
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use super::Shared;
+use crate::envelope::{
+    latest_only, unpack, BatchRef, DecodeError, Message, PartitionRange, RawRecord,
+};
+use crate::offsets::{Generation, OffsetTracker, TopicPartition};
+use crate::settings::ConsumerSettings;
+
+/// A cut batch: its messages and, per partition, the offsets it covers
+/// (tombstones and skipped records included, so their offsets are committed
+/// with the batch).
+pub(crate) struct Batch<T> {
+    pub id: u64,
+    pub messages: Vec<Message<T>>,
+    pub ranges: Vec<BatchRange>,
+}
+
+/// One partition's offsets in a batch, read during one assignment generation.
+pub(crate) struct BatchRange {
+    pub tp: TopicPartition,
+    pub generation: Generation,
+    pub first: i64,
+    pub end: i64,
+    records: usize,
+    subscribed: bool,
+}
+
+impl<T> Batch<T> {
+    fn empty(id: u64) -> Self {
+        Batch {
+            id,
+            messages: Vec::new(),
+            ranges: Vec::new(),
+        }
+    }
+
+    fn records(&self) -> usize {
+        self.ranges.iter().map(|r| r.records).sum()
+    }
+
+    /// The batch ref for logs: `topic[partition=first:end,...]`.
+    pub fn batch_ref(&self) -> BatchRef {
+        BatchRef::from_ranges(self.ranges.iter().map(|r| PartitionRange {
+            topic: r.tp.topic.clone(),
+            partition: r.tp.partition,
+            first: r.first,
+            end: r.end,
+            records: r.records,
+        }))
+    }
+
+    /// Drops the records of partitions reassigned or revoked since they were
+    /// read (the next owner reads them again). Returns whether any record is left.
+    pub fn drop_stale(&mut self, tracker: &OffsetTracker) -> bool {
+        let stale = |r: &BatchRange| tracker.generation(&r.tp) != Some(r.generation);
+        if self.ranges.iter().any(stale) {
+            let (kept, dropped): (Vec<BatchRange>, Vec<BatchRange>) =
+                std::mem::take(&mut self.ranges)
+                    .into_iter()
+                    .partition(|r| !stale(r));
+            self.ranges = kept;
+            self.messages.retain(|m| {
+                m.origin().is_none_or(|o| {
+                    !dropped
+                        .iter()
+                        .any(|r| r.tp.partition == o.partition && r.tp.topic == o.topic)
+                })
+            });
+        }
+        !self.ranges.is_empty()
+    }
+}
+
+/// Which topics the consumer subscribed to; records of others are skipped.
+struct Subscription {
+    topics: Vec<String>,
+    /// A `^pattern` subscription: librdkafka matched the topic already.
+    any: bool,
+}
+
+impl Subscription {
+    fn accepts(&self, topic: &str) -> bool {
+        self.any || self.topics.iter().any(|t| t == topic)
+    }
+}
+
+/// Builds batches from polled records.
+pub(crate) struct BatchBuilder<T> {
+    batch: Batch<T>,
+    bytes: usize,
+    window_start: Instant,
+    next_id: u64,
+    batch_size: usize,
+    max_bytes: usize,
+    timeout: Duration,
+    latest_only: bool,
+    subscription: Subscription,
+}
+
+impl<T: DeserializeOwned> BatchBuilder<T> {
+    pub fn new(settings: &ConsumerSettings) -> Self {
+        BatchBuilder {
+            batch: Batch::empty(0),
+            bytes: 0,
+            window_start: Instant::now(),
+            next_id: 1,
+            batch_size: settings.batch_size,
+            max_bytes: settings.max_batch_bytes,
+            timeout: settings.batch_timeout(),
+            latest_only: settings.latest_only,
+            subscription: Subscription {
+                topics: settings.topics.clone(),
+                any: settings.topics.iter().any(|t| t.starts_with('^')),
+            },
+        }
+    }
+
+    /// Adds one record. Returns the previous batch when this record would
+    /// have taken it past `max_batch_bytes` (the record starts the next one).
+    ///
+    /// `generation` gives the partition's current assignment generation; a
+    /// record of a partition not assigned (a race with a revoke) is dropped
+    /// unread, to be read again by the owner.
+    pub fn push(
+        &mut self,
+        record: RawRecord<'_>,
+        generation: impl FnOnce(&TopicPartition) -> Option<Generation>,
+        shared: &Shared,
+    ) -> Result<Option<Batch<T>>, DecodeError> {
+        let size = record.value.map_or(0, <[u8]>::len) + record.key.map_or(0, <[u8]>::len);
+        let full = if self.batch.records() > 0 && self.bytes + size > self.max_bytes {
+            Some(self.cut(Instant::now()))
+        } else {
+            None
+        };
+        let index = match self.range_of(record.topic, record.partition) {
+            Some(i) => i,
+            None => {
+                let tp = TopicPartition::new(record.topic, record.partition);
+                let Some(generation) = generation(&tp) else {
+                    tracing::debug!(partition = %tp, offset = record.offset, "record of a partition not assigned dropped");
+                    return Ok(full);
+                };
+                let subscribed = self.subscription.accepts(record.topic);
+                if !subscribed {
+                    tracing::warn!(
+                        topic = record.topic,
+                        subscribed = ?self.subscription.topics,
+                        "records of a topic this consumer did not subscribe to are skipped"
+                    );
+                }
+                self.batch.ranges.push(BatchRange {
+                    tp,
+                    generation,
+                    first: record.offset,
+                    end: record.offset + 1,
+                    records: 0,
+                    subscribed,
+                });
+                self.batch.ranges.len() - 1
+            }
+        };
+        let range = &mut self.batch.ranges[index];
+        let decoded = if range.subscribed {
+            unpack::<T>(record, &range.tp.topic)
+        } else {
+            shared.metrics.skipped_unsubscribed.increment(1);
+            Ok(None)
+        };
+        match decoded {
+            Err(e) => {
+                if range.records == 0 {
+                    self.batch.ranges.swap_remove(index);
+                }
+                return Err(e);
+            }
+            Ok(Some(message)) => {
+                self.batch.messages.push(message);
+                self.bytes += size;
+            }
+            Ok(None) => {
+                if range.subscribed {
+                    shared.metrics.skipped_tombstones.increment(1);
+                }
+                shared
+                    .stats
+                    .skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        range.first = range.first.min(record.offset);
+        range.end = range.end.max(record.offset + 1);
+        range.records += 1;
+        Ok(full)
+    }
+
+    fn range_of(&self, topic: &str, partition: i32) -> Option<usize> {
+        // Records come in runs per partition: look from the most recent range.
+        self.batch
+            .ranges
+            .iter()
+            .rposition(|r| r.tp.partition == partition && &*r.tp.topic == topic)
+    }
+
+    /// True when the batch is full, or the timeout passed and it holds a record.
+    pub fn should_cut(&self, now: Instant) -> bool {
+        self.batch.messages.len() >= self.batch_size
+            || (self.batch.records() > 0 && now >= self.window_start + self.timeout)
+    }
+
+    /// How long until the timeout of the batch being built.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        (self.window_start + self.timeout).saturating_duration_since(now)
+    }
+
+    /// A window that ended with no record starts again, so that a record
+    /// arriving after a quiet spell does not make a batch of one.
+    pub fn restart_idle_window(&mut self, now: Instant) {
+        if self.batch.records() == 0 && now >= self.window_start + self.timeout {
+            self.window_start = now;
+        }
+    }
+
+    /// Takes the batch being built and starts the next.
+    pub fn cut(&mut self, now: Instant) -> Batch<T> {
+        let mut batch = std::mem::replace(&mut self.batch, Batch::empty(self.next_id + 1));
+        batch.id = self.next_id;
+        self.next_id += 1;
+        self.bytes = 0;
+        self.window_start = now;
+        if self.latest_only {
+            batch.messages = latest_only(std::mem::take(&mut batch.messages));
+        }
+        batch
+    }
+
+    /// Drops buffered records of partitions whose generation changed.
+    pub fn drop_stale(&mut self, tracker: &OffsetTracker) {
+        self.batch.drop_stale(tracker);
+    }
+}

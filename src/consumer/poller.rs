@@ -1,0 +1,281 @@
+//! The poller thread: the one place where the Kafka consumer is called.
+//!
+//! It polls, cuts batches, hands them to the runner through a bounded
+//! channel, applies the runner's outcomes to the offset tracker and commits.
+//! When the channel is full it pauses its partitions but keeps polling, so a
+//! slow handler neither gets the consumer evicted from its group nor makes
+//! it buffer without bound.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::batch::{Batch, BatchBuilder};
+use super::rebalance::PollerContext;
+use super::{InFlight, PollerState, Shared};
+use crate::envelope::RawRecord;
+use crate::error::Error;
+use crate::offsets::TopicPartition;
+use crate::settings::ConsumerSettings;
+
+/// The longest a single poll blocks, so outcomes and shutdown are noticed quickly.
+const MAX_POLL_WAIT: Duration = Duration::from_millis(50);
+/// How long to wait before retrying a failed commit.
+const COMMIT_RETRY: Duration = Duration::from_millis(500);
+/// Attempts at the last commit before the consumer closes.
+const FINAL_COMMIT_ATTEMPTS: u32 = 5;
+
+pub(super) fn run<T: DeserializeOwned + Send + 'static>(
+    consumer: BaseConsumer<PollerContext>,
+    shared: Arc<Shared>,
+    batches: tokio::sync::mpsc::Sender<Batch<T>>,
+    settings: &ConsumerSettings,
+) -> Result<(), Error> {
+    let mut builder = BatchBuilder::<T>::new(settings);
+    let mut ready: VecDeque<Batch<T>> = VecDeque::new();
+    let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
+    let mut retry_commit_at: Option<Instant> = None;
+    let mut failure: Option<Error> = None;
+
+    let outcome = loop {
+        {
+            let mut st = shared.lock();
+            st.drain(&consumer, &shared);
+            if retry_commit_at.is_none_or(|at| Instant::now() >= at) {
+                retry_commit_at = commit_finished(&consumer, &mut st, &shared)
+                    .err()
+                    .map(|_| Instant::now() + COMMIT_RETRY);
+            }
+            if st.handler_failed || batches.is_closed() {
+                // The runner has stopped: it returns the handler's error.
+                break Ok(());
+            }
+            let stopping = shared.stopping.load(Ordering::Acquire);
+            if stopping {
+                if st.in_flight.is_empty() {
+                    break failure.take().map_or(Ok(()), Err);
+                }
+            } else {
+                hand_over(&mut ready, &batches, &mut st);
+            }
+            let want_pause = stopping || !ready.is_empty();
+            if want_pause != st.paused {
+                set_paused(&consumer, &mut st, &shared, want_pause);
+            }
+        }
+
+        let wait = if shared.stopping.load(Ordering::Acquire) || !ready.is_empty() {
+            MAX_POLL_WAIT
+        } else {
+            builder.remaining(Instant::now()).min(MAX_POLL_WAIT)
+        };
+        let polled = consumer.poll(wait);
+
+        let current = shared.rebalance_epoch.load(Ordering::Acquire);
+        if current != epoch {
+            epoch = current;
+            let st = shared.lock();
+            builder.drop_stale(&st.tracker);
+            ready.retain_mut(|b| b.drop_stale(&st.tracker));
+        }
+
+        match polled {
+            None => {}
+            Some(Ok(m)) => {
+                let record = RawRecord {
+                    topic: m.topic(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                };
+                match builder.push(record, |tp| shared.lock().tracker.generation(tp), &shared) {
+                    Ok(Some(full)) => ready.push_back(full),
+                    Ok(None) => {}
+                    Err(e) => {
+                        shared.metrics.decode_error(&e.topic);
+                        shared.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "undecodable record: the consumer stops (failure policy `fail`)");
+                        failure = Some(Error::Decode(e));
+                        shared.stopping.store(true, Ordering::Release);
+                    }
+                }
+            }
+            Some(Err(e)) => match consumer.client().fatal_error() {
+                Some((code, reason)) => {
+                    tracing::error!(%code, %reason, "fatal Kafka consumer error: the consumer stops");
+                    failure = Some(Error::Kafka(KafkaError::MessageConsumption(code)));
+                    shared.stopping.store(true, Ordering::Release);
+                }
+                None => {
+                    tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)")
+                }
+            },
+        }
+
+        let now = Instant::now();
+        if builder.should_cut(now) {
+            ready.push_back(builder.cut(now));
+        } else {
+            builder.restart_idle_window(now);
+        }
+    };
+
+    let committed = final_commit(&consumer, &shared);
+    shared.lock().in_flight.clear();
+    // Dropping the consumer leaves the group; its revoke callback runs here.
+    drop(consumer);
+    // Commit requests still queued learn that the consumer has stopped.
+    shared.lock().inbox = None;
+    tracing::info!("consumer closed");
+    outcome.and(committed)
+}
+
+/// Sends ready batches to the runner while the channel has room.
+fn hand_over<T>(
+    ready: &mut VecDeque<Batch<T>>,
+    batches: &tokio::sync::mpsc::Sender<Batch<T>>,
+    st: &mut PollerState,
+) {
+    while let Some(mut batch) = ready.pop_front() {
+        if !batch.drop_stale(&st.tracker) {
+            continue;
+        }
+        if batch.messages.is_empty() {
+            // Only tombstones or skipped records: nothing for the handler,
+            // but their offsets are dealt with and may be committed.
+            for r in &batch.ranges {
+                st.tracker.handed_out(&r.tp, r.first, r.end);
+                st.tracker.finished(&r.tp, r.generation, r.first);
+            }
+            continue;
+        }
+        let permit = match batches.try_reserve() {
+            Ok(permit) => permit,
+            Err(TrySendError::Full(())) | Err(TrySendError::Closed(())) => {
+                ready.push_front(batch);
+                return;
+            }
+        };
+        let ranges = batch
+            .ranges
+            .iter()
+            .filter_map(|r| {
+                st.tracker
+                    .handed_out(&r.tp, r.first, r.end)
+                    .map(|generation| (r.tp.clone(), generation, r.first))
+            })
+            .collect();
+        st.in_flight.push(InFlight {
+            id: batch.id,
+            ranges,
+        });
+        permit.send(batch);
+    }
+}
+
+fn set_paused(
+    consumer: &BaseConsumer<PollerContext>,
+    st: &mut PollerState,
+    shared: &Shared,
+    pause: bool,
+) {
+    let assignment = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the assignment to pause or resume it");
+            return;
+        }
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => {
+            st.paused = pause;
+            shared.metrics.paused.set(if pause { 1.0 } else { 0.0 });
+            if pause {
+                shared.stats.pauses.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::trace!(pause, "partitions paused or resumed");
+        }
+        Err(e) => tracing::warn!(error = %e, pause, "cannot pause or resume the partitions"),
+    }
+}
+
+/// Commits every partition whose finished run moved since the last commit.
+pub(super) fn commit_finished(
+    consumer: &BaseConsumer<PollerContext>,
+    st: &mut PollerState,
+    shared: &Shared,
+) -> Result<(), KafkaError> {
+    if !shared.commit {
+        return Ok(());
+    }
+    let offsets = st.tracker.committable();
+    commit_offsets(consumer, &offsets, shared)?;
+    for (tp, offset) in &offsets {
+        st.tracker.committed(tp, *offset);
+    }
+    Ok(())
+}
+
+/// Commits exactly these offsets (the next offset to read), synchronously.
+pub(super) fn commit_offsets(
+    consumer: &BaseConsumer<PollerContext>,
+    offsets: &[(TopicPartition, i64)],
+    shared: &Shared,
+) -> Result<(), KafkaError> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (tp, offset) in offsets {
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
+            shared.metrics.commits.increment(1);
+            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(offsets = ?offsets, "offsets committed");
+            Ok(())
+        }
+        // Nothing new to commit is not a failure.
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+        Err(e) => {
+            shared.metrics.commit_failures.increment(1);
+            shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, offsets = ?offsets, "offset commit failed; it will be retried");
+            Err(e)
+        }
+    }
+}
+
+/// The commit made before closing, retried a few times; a failure is returned.
+fn final_commit(consumer: &BaseConsumer<PollerContext>, shared: &Shared) -> Result<(), Error> {
+    let mut attempt = 1;
+    loop {
+        let result = {
+            let mut st = shared.lock();
+            st.drain(consumer, shared);
+            commit_finished(consumer, &mut st, shared)
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= FINAL_COMMIT_ATTEMPTS => return Err(Error::Commit(e)),
+            Err(_) => {
+                attempt += 1;
+                std::thread::sleep(COMMIT_RETRY);
+            }
+        }
+    }
+}

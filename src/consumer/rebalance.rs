@@ -1,0 +1,135 @@
+//! Rebalance callbacks. They run inside `poll`, on the poller thread.
+//!
+//! On assign, each partition gets a new generation in the tracker. On revoke,
+//! the poller waits (up to `revoke_timeout_ms`) for in-flight batches of the
+//! revoked partitions, commits what finished synchronously, and forgets the
+//! partitions: a later result for them is dropped by the generation check,
+//! so this consumer never commits for a partition it no longer owns.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use super::poller::commit_finished;
+use super::Shared;
+use crate::offsets::TopicPartition;
+
+/// The consumer's librdkafka context: rebalance callbacks over the shared state.
+pub(crate) struct PollerContext {
+    shared: Arc<Shared>,
+}
+
+impl PollerContext {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        PollerContext { shared }
+    }
+}
+
+impl ClientContext for PollerContext {}
+
+impl ConsumerContext for PollerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.assign(tpl),
+            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
+            Rebalance::Error(e) => {
+                self.shared.metrics.rebalance_errors.increment(1);
+                tracing::warn!(error = %e, "rebalance error: giving up the current assignment");
+                // librdkafka unassigns everything after a rebalance error.
+                match consumer.assignment() {
+                    Ok(tpl) => self.revoke(consumer, &tpl),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the assignment"),
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Newly assigned partitions start unpaused; keep back-pressure on.
+            if self.shared.lock().paused {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "cannot pause newly assigned partitions");
+                }
+            }
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+fn names(tps: &[TopicPartition]) -> String {
+    tps.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl PollerContext {
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let tps = partitions(tpl);
+        let mut st = self.shared.lock();
+        for tp in &tps {
+            st.tracker.assign(tp.clone());
+        }
+        self.shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.metrics.assigns.increment(1);
+        self.shared
+            .stats
+            .assigned
+            .fetch_add(tps.len() as u64, Ordering::Relaxed);
+        tracing::info!(partitions = %names(&tps), "partitions assigned");
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let shared = &self.shared;
+        let tps = partitions(tpl);
+        let mut st = shared.lock();
+        let deadline = Instant::now() + shared.revoke_timeout;
+        loop {
+            st.drain(consumer, shared);
+            let waiting = st
+                .in_flight
+                .iter()
+                .any(|b| b.ranges.iter().any(|(tp, _, _)| tps.contains(tp)));
+            if !waiting || st.handler_failed {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    partitions = %names(&tps),
+                    timeout_ms = shared.revoke_timeout.as_millis() as u64,
+                    "revoke: in-flight batches did not finish in time; their records will be read again by the next owner"
+                );
+                break;
+            }
+            st.wait_one(
+                (deadline - now).min(Duration::from_millis(100)),
+                consumer,
+                shared,
+            );
+        }
+        if let Err(e) = commit_finished(consumer, &mut st, shared) {
+            tracing::warn!(error = %e, "revoke: commit failed; the next owner will read those records again");
+        }
+        for tp in &tps {
+            st.tracker.revoke(tp);
+        }
+        shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
+        shared.metrics.revokes.increment(1);
+        shared
+            .stats
+            .revoked
+            .fetch_add(tps.len() as u64, Ordering::Relaxed);
+        tracing::info!(partitions = %names(&tps), "partitions revoked");
+    }
+}

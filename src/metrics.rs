@@ -1,0 +1,111 @@
+//! Metrics through the [`metrics`] facade: install any recorder (for example
+//! `metrics-exporter-prometheus`) and these appear.
+//!
+//! | name | kind | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `<service>_kafka_process_seconds` | histogram | | time the handler took per batch (the Python wrapper's summary) |
+//! | `<service>_kafka_process_count` | counter | | messages handed to the handler and handled `Ok` (the Python wrapper's counter) |
+//! | `kafka_batch_batches_total` | counter | `service`, `outcome` = `ok` / `error` | batches handled |
+//! | `kafka_batch_batch_messages` | histogram | `service` | messages per batch |
+//! | `kafka_batch_decode_errors_total` | counter | `service`, `topic` | records that could not be decoded |
+//! | `kafka_batch_skipped_records_total` | counter | `service`, `reason` = `tombstone` / `unsubscribed_topic` | records never handed to the handler |
+//! | `kafka_batch_commits_total` | counter | `service` | successful offset commits |
+//! | `kafka_batch_commit_failures_total` | counter | `service` | failed offset commits (retried) |
+//! | `kafka_batch_rebalances_total` | counter | `service`, `kind` = `assign` / `revoke` / `error` | group rebalances seen |
+//! | `kafka_batch_paused` | gauge | `service` | 1 while the poller has paused its partitions for back-pressure |
+//! | `kafka_batch_produced_total` | counter | `service`, `topic` | records delivered |
+//! | `kafka_batch_produce_failures_total` | counter | `service`, `topic` | records whose delivery failed |
+//! | `kafka_batch_oversized_skipped_total` | counter | `service`, `topic` | records skipped as too large (`producer.skip_oversized`) |
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+/// The Prometheus-safe form of a service name, for the metric name prefix.
+pub fn metric_prefix(service: &str) -> String {
+    service
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The consumer's metric handles, registered once per consumer.
+#[derive(Clone)]
+pub(crate) struct ConsumerMetrics {
+    pub process_seconds: Histogram,
+    pub process_count: Counter,
+    pub batches_ok: Counter,
+    pub batches_failed: Counter,
+    pub batch_messages: Histogram,
+    pub skipped_tombstones: Counter,
+    pub skipped_unsubscribed: Counter,
+    pub commits: Counter,
+    pub commit_failures: Counter,
+    pub assigns: Counter,
+    pub revokes: Counter,
+    pub rebalance_errors: Counter,
+    pub paused: Gauge,
+    service: String,
+}
+
+impl ConsumerMetrics {
+    pub fn new(service: &str) -> Self {
+        let prefix = metric_prefix(service);
+        let svc = service.to_owned();
+        ConsumerMetrics {
+            process_seconds: histogram!(format!("{prefix}_kafka_process_seconds")),
+            process_count: counter!(format!("{prefix}_kafka_process_count")),
+            batches_ok: counter!("kafka_batch_batches_total", "service" => svc.clone(), "outcome" => "ok"),
+            batches_failed: counter!("kafka_batch_batches_total", "service" => svc.clone(), "outcome" => "error"),
+            batch_messages: histogram!("kafka_batch_batch_messages", "service" => svc.clone()),
+            skipped_tombstones: counter!("kafka_batch_skipped_records_total", "service" => svc.clone(), "reason" => "tombstone"),
+            skipped_unsubscribed: counter!("kafka_batch_skipped_records_total", "service" => svc.clone(), "reason" => "unsubscribed_topic"),
+            commits: counter!("kafka_batch_commits_total", "service" => svc.clone()),
+            commit_failures: counter!("kafka_batch_commit_failures_total", "service" => svc.clone()),
+            assigns: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "assign"),
+            revokes: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "revoke"),
+            rebalance_errors: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "error"),
+            paused: gauge!("kafka_batch_paused", "service" => svc.clone()),
+            service: svc,
+        }
+    }
+
+    pub fn decode_error(&self, topic: &str) {
+        counter!("kafka_batch_decode_errors_total", "service" => self.service.clone(), "topic" => topic.to_owned())
+            .increment(1);
+    }
+}
+
+/// The producer's metric handles.
+#[derive(Clone)]
+pub(crate) struct ProducerMetrics {
+    service: String,
+}
+
+impl ProducerMetrics {
+    pub fn new(service: &str) -> Self {
+        ProducerMetrics {
+            service: service.to_owned(),
+        }
+    }
+
+    pub fn produced(&self, topic: &str, delivered: u64, failed: u64, oversized: u64) {
+        let labels = [
+            ("service", self.service.clone()),
+            ("topic", topic.to_owned()),
+        ];
+        if delivered > 0 {
+            counter!("kafka_batch_produced_total", &labels).increment(delivered);
+        }
+        if failed > 0 {
+            counter!("kafka_batch_produce_failures_total", &labels).increment(failed);
+        }
+        if oversized > 0 {
+            counter!("kafka_batch_oversized_skipped_total", &labels).increment(oversized);
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Which offsets may be committed: plain data, no Kafka client.
+//!
+//! Per partition, the tracker keeps the ranges of offsets handed out to the
+//! handler, in the order they were handed out, and marks each finished when
+//! its batch is done. The committable watermark is the end of the contiguous
+//! run of finished ranges from the front: a range that is not finished (still
+//! running, failed, or abandoned) holds back every range after it, so no
+//! offset is ever committed past a record that was not dealt with.
+//!
+//! Each assignment of a partition gets a new generation. A result for an
+//! older generation (a batch from before a revoke) is dropped, never
+//! committed: the partition's next owner reads those records again.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+/// A topic and partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// A topic and partition.
+    pub fn new(topic: &str, partition: i32) -> Self {
+        TopicPartition {
+            topic: Arc::from(topic),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// Identifies one assignment of a partition to this consumer.
+pub type Generation = u64;
+
+#[derive(Debug)]
+struct HandedOut {
+    first: i64,
+    end: i64,
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct PartitionOffsets {
+    generation: Generation,
+    handed_out: VecDeque<HandedOut>,
+    /// One past the last offset of the contiguous finished run.
+    watermark: Option<i64>,
+    /// The last offset committed for this generation.
+    committed: Option<i64>,
+}
+
+/// Per-partition record of handed-out and finished offsets.
+///
+/// ```
+/// use kafka_batch::offsets::{OffsetTracker, TopicPartition};
+///
+/// let tp = TopicPartition::new("events", 0);
+/// let mut tracker = OffsetTracker::default();
+/// let generation = tracker.assign(tp.clone());
+/// tracker.handed_out(&tp, 0, 10);
+/// tracker.handed_out(&tp, 10, 20);
+/// // The second batch finished first: nothing may be committed yet.
+/// assert!(tracker.finished(&tp, generation, 10));
+/// assert_eq!(tracker.committable(), vec![]);
+/// // Now both have: commit up to 20.
+/// assert!(tracker.finished(&tp, generation, 0));
+/// assert_eq!(tracker.committable(), vec![(tp, 20)]);
+/// ```
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<TopicPartition, PartitionOffsets>,
+    next_generation: Generation,
+}
+
+impl OffsetTracker {
+    /// Starts a new assignment of `tp`, forgetting anything known of an older one.
+    pub fn assign(&mut self, tp: TopicPartition) -> Generation {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.partitions.insert(
+            tp,
+            PartitionOffsets {
+                generation,
+                handed_out: VecDeque::new(),
+                watermark: None,
+                committed: None,
+            },
+        );
+        generation
+    }
+
+    /// Forgets `tp`: it is no longer this consumer's.
+    pub fn revoke(&mut self, tp: &TopicPartition) {
+        self.partitions.remove(tp);
+    }
+
+    /// The current generation of `tp`, or `None` when it is not assigned.
+    pub fn generation(&self, tp: &TopicPartition) -> Option<Generation> {
+        self.partitions.get(tp).map(|p| p.generation)
+    }
+
+    /// The partitions currently assigned.
+    pub fn assigned(&self) -> impl Iterator<Item = &TopicPartition> {
+        self.partitions.keys()
+    }
+
+    /// Records that offsets `first..end` of `tp` were handed out.
+    ///
+    /// Returns the generation they belong to, or `None` (and records nothing)
+    /// when `tp` is not assigned.
+    pub fn handed_out(&mut self, tp: &TopicPartition, first: i64, end: i64) -> Option<Generation> {
+        let p = self.partitions.get_mut(tp)?;
+        p.handed_out.push_back(HandedOut {
+            first,
+            end,
+            finished: false,
+        });
+        Some(p.generation)
+    }
+
+    /// Marks the range of `tp` starting at `first`, handed out in
+    /// `generation`, as finished. Returns `false` when the result is stale
+    /// (the partition was revoked or reassigned since) and was dropped.
+    pub fn finished(&mut self, tp: &TopicPartition, generation: Generation, first: i64) -> bool {
+        let Some(p) = self.partitions.get_mut(tp) else {
+            return false;
+        };
+        if p.generation != generation {
+            return false;
+        }
+        let Some(range) = p.handed_out.iter_mut().find(|r| r.first == first) else {
+            return false;
+        };
+        range.finished = true;
+        while p.handed_out.front().is_some_and(|r| r.finished) {
+            if let Some(done) = p.handed_out.pop_front() {
+                p.watermark = Some(done.end);
+            }
+        }
+        true
+    }
+
+    /// True when some range of `tp` was handed out and is not finished.
+    pub fn has_unfinished(&self, tp: &TopicPartition) -> bool {
+        self.partitions
+            .get(tp)
+            .is_some_and(|p| !p.handed_out.is_empty())
+    }
+
+    /// The committable watermark of `tp`: one past the last offset of its
+    /// contiguous finished run.
+    pub fn watermark(&self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.get(tp).and_then(|p| p.watermark)
+    }
+
+    /// Each partition whose watermark is ahead of what was committed, with
+    /// the offset to commit (the next offset to read), in partition order.
+    pub fn committable(&self) -> Vec<(TopicPartition, i64)> {
+        let mut out: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|(tp, p)| match (p.watermark, p.committed) {
+                (Some(w), Some(c)) if w <= c => None,
+                (Some(w), _) => Some((tp.clone(), w)),
+                (None, _) => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Records a successful commit of `offset` for `tp`.
+    pub fn committed(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        TopicPartition::new("t", p)
+    }
+
+    #[test]
+    fn an_unfinished_range_holds_back_later_ones() {
+        let mut t = OffsetTracker::default();
+        let g = t.assign(tp(0));
+        for (first, end) in [(0, 5), (5, 9), (12, 20)] {
+            assert_eq!(t.handed_out(&tp(0), first, end), Some(g));
+        }
+        assert!(t.finished(&tp(0), g, 12));
+        assert!(t.finished(&tp(0), g, 0));
+        assert_eq!(t.committable(), vec![(tp(0), 5)]);
+        t.committed(&tp(0), 5);
+        assert_eq!(t.committable(), vec![]);
+        assert!(t.has_unfinished(&tp(0)));
+        assert!(t.finished(&tp(0), g, 5));
+        assert_eq!(
+            t.committable(),
+            vec![(tp(0), 20)],
+            "a gap between ranges (compaction) is fine"
+        );
+        assert!(!t.has_unfinished(&tp(0)));
+    }
+
+    #[test]
+    fn results_from_a_revoked_or_reassigned_partition_are_dropped() {
+        let mut t = OffsetTracker::default();
+        let old = t.assign(tp(1));
+        t.handed_out(&tp(1), 0, 10);
+        t.revoke(&tp(1));
+        assert!(!t.finished(&tp(1), old, 0), "revoked");
+        assert_eq!(t.handed_out(&tp(1), 10, 20), None, "not assigned");
+        let new = t.assign(tp(1));
+        assert_ne!(old, new);
+        t.handed_out(&tp(1), 0, 10);
+        assert!(!t.finished(&tp(1), old, 0), "old generation");
+        assert_eq!(t.committable(), vec![]);
+        assert!(t.finished(&tp(1), new, 0));
+        assert_eq!(t.committable(), vec![(tp(1), 10)]);
+    }
+
+    proptest! {
+        /// Whatever order batches finish in, and whichever fail, the watermark
+        /// never passes the first offset of a range that did not finish.
+        #[test]
+        fn the_watermark_never_passes_an_unfinished_range(
+            sizes in prop::collection::vec(1i64..20, 1..30),
+            order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
+            failed in prop::collection::vec(any::<bool>(), 30),
+        ) {
+            let mut t = OffsetTracker::default();
+            let g = t.assign(tp(0));
+            let mut ranges = Vec::new();
+            let mut offset = 0;
+            for size in sizes {
+                t.handed_out(&tp(0), offset, offset + size);
+                ranges.push((offset, offset + size));
+                offset += size;
+            }
+            let mut finished = vec![false; ranges.len()];
+            for index in order {
+                let i = index.index(ranges.len());
+                if failed[i] {
+                    continue;
+                }
+                t.finished(&tp(0), g, ranges[i].0);
+                finished[i] = true;
+                let first_unfinished = finished.iter().position(|f| !f).map(|i| ranges[i].0);
+                let expected = match first_unfinished {
+                    Some(0) => None,
+                    Some(first) => Some(first),
+                    None => Some(offset),
+                };
+                prop_assert_eq!(t.watermark(&tp(0)), expected);
+            }
+        }
+    }
+}

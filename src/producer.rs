@@ -1,0 +1,365 @@
+//! The producer: packs messages into the envelope, sends a batch, and
+//! returns only when every record has a delivery report.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message as _};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::envelope::{format_dt, key_of, pack_into, Message};
+use crate::error::Error;
+use crate::metrics::ProducerMetrics;
+use crate::settings::ProducerSettings;
+
+/// What happened to one produced record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The broker acknowledged the record (with the configured `acks`).
+    Written {
+        /// The partition it was written to.
+        partition: i32,
+        /// Its offset in that partition.
+        offset: i64,
+    },
+    /// The record was over the size limit and `producer.skip_oversized` is on.
+    SkippedOversized,
+}
+
+/// Why one record of a batch was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The payload could not be serialised to JSON.
+    #[error("payload is not serialisable to JSON: {0}")]
+    Encode(serde_json::Error),
+    /// librdkafka or the broker refused the record.
+    #[error("{0}")]
+    Kafka(KafkaError),
+}
+
+/// One record of a batch that was not delivered.
+#[derive(Debug)]
+pub struct RecordFailure {
+    /// Its position in the batch passed to [`Producer::produce_batch`].
+    pub index: usize,
+    /// Its message id.
+    pub id: String,
+    /// Why.
+    pub error: RecordError,
+}
+
+/// Some records of a batch were not delivered; the others were.
+#[derive(Debug)]
+pub struct ProduceError {
+    /// The topic produced to.
+    pub topic: String,
+    /// How many records the batch held.
+    pub total: usize,
+    /// The records that failed, in batch order.
+    pub failures: Vec<RecordFailure>,
+    /// Each record's delivery, `None` for the failed ones.
+    pub deliveries: Vec<Option<Delivery>>,
+}
+
+impl std::fmt::Display for ProduceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} records to topic {:?} were not delivered",
+            self.failures.len(),
+            self.total,
+            self.topic
+        )?;
+        for (i, failure) in self.failures.iter().take(5).enumerate() {
+            let sep = if i == 0 { ": " } else { "; " };
+            write!(
+                f,
+                "{sep}#{} (id {:?}): {}",
+                failure.index, failure.id, failure.error
+            )?;
+        }
+        if self.failures.len() > 5 {
+            write!(f, "; and {} more", self.failures.len() - 5)?;
+        }
+        write!(
+            f,
+            ". The other records were delivered; return this error from the handler to have the input batch read again, or retry the failed records"
+        )
+    }
+}
+
+impl std::error::Error for ProduceError {}
+
+/// Produces enveloped messages in batches, waiting for every delivery report.
+///
+/// ```no_run
+/// use kafka_batch::{Message, Producer, ProducerSettings};
+/// use serde_json::json;
+///
+/// # async fn run() -> Result<(), kafka_batch::Error> {
+/// let mut settings = ProducerSettings::new("localhost:9092");
+/// settings.service = "loader".into();
+/// let producer = Producer::new(&settings)?;
+/// let batch = vec![Message::new("event-1", json!({"title": "Concert"}))];
+/// let deliveries = producer.produce_batch("events", &batch).await?;
+/// println!("written at {:?}", deliveries[0]);
+/// producer.close().await?;
+/// # Ok(()) }
+/// ```
+pub struct Producer {
+    inner: ThreadedProducer<DeliveryContext>,
+    service: String,
+    skip_oversized: bool,
+    flush_timeout: Duration,
+    metrics: ProducerMetrics,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    /// A producer with these settings (`service` is written as `hist.svc`).
+    pub fn new(settings: &ProducerSettings) -> Result<Producer, Error> {
+        let config = settings.client_config()?;
+        let inner: ThreadedProducer<DeliveryContext> =
+            config.create_with_context(DeliveryContext)?;
+        Ok(Producer {
+            inner,
+            service: settings.service.clone(),
+            skip_oversized: settings.skip_oversized,
+            flush_timeout: Duration::from_millis(settings.flush_timeout_ms),
+            metrics: ProducerMetrics::new(&settings.service),
+        })
+    }
+
+    /// The service name written into every record's history.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Packs and sends every message to `topic`, and returns when each has a
+    /// delivery report: the partition and offset of each, or a
+    /// [`ProduceError`] naming the records that failed and why.
+    ///
+    /// When librdkafka's queue is full, this waits for room instead of failing.
+    pub async fn produce_batch<T: Serialize>(
+        &self,
+        topic: &str,
+        messages: &[Message<T>],
+    ) -> Result<Vec<Delivery>, Error> {
+        let batch = Arc::new(BatchDeliveries::new(messages.len()));
+        let dt = format_dt(OffsetDateTime::now_utc());
+        let mut value = Vec::with_capacity(256);
+        for (index, message) in messages.iter().enumerate() {
+            value.clear();
+            if let Err(e) = pack_into(&mut value, &self.service, &dt, message) {
+                batch.complete(index, Err(RecordError::Encode(e)));
+                continue;
+            }
+            let mut record = BaseRecord::with_opaque_to(
+                topic,
+                Box::new(Pending {
+                    batch: Arc::clone(&batch),
+                    index,
+                }),
+            )
+            .payload(value.as_slice());
+            record.key = key_of(&message.id);
+            loop {
+                match self.inner.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        // librdkafka's queue is full: wait for deliveries to make room.
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        batch.complete(index, Err(RecordError::Kafka(error)));
+                        break;
+                    }
+                }
+            }
+        }
+        batch.sent_all().await;
+        self.collect(topic, messages, &batch)
+    }
+
+    /// Packs and sends one message, returning its delivery.
+    pub async fn produce<T: Serialize>(
+        &self,
+        topic: &str,
+        message: &Message<T>,
+    ) -> Result<Delivery, Error> {
+        let mut deliveries = self
+            .produce_batch(topic, std::slice::from_ref(message))
+            .await?;
+        deliveries
+            .pop()
+            .ok_or_else(|| Error::Internal("a one-record batch returned no delivery".into()))
+    }
+
+    fn collect<T>(
+        &self,
+        topic: &str,
+        messages: &[Message<T>],
+        batch: &BatchDeliveries,
+    ) -> Result<Vec<Delivery>, Error> {
+        let results =
+            std::mem::take(&mut *batch.results.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut deliveries = Vec::with_capacity(results.len());
+        let mut failures = Vec::new();
+        let mut oversized = 0;
+        for (index, result) in results.into_iter().enumerate() {
+            match result {
+                Some(Ok(delivery)) => deliveries.push(Some(delivery)),
+                Some(Err(RecordError::Kafka(e))) if self.skip_oversized && is_oversized(&e) => {
+                    tracing::warn!(topic, id = %messages[index].id, error = %e, "record over the size limit skipped (producer.skip_oversized)");
+                    oversized += 1;
+                    deliveries.push(Some(Delivery::SkippedOversized));
+                }
+                Some(Err(error)) => {
+                    failures.push(RecordFailure {
+                        index,
+                        id: messages[index].id.clone(),
+                        error,
+                    });
+                    deliveries.push(None);
+                }
+                None => {
+                    failures.push(RecordFailure {
+                        index,
+                        id: messages[index].id.clone(),
+                        error: RecordError::Kafka(KafkaError::MessageProduction(
+                            RDKafkaErrorCode::Fail,
+                        )),
+                    });
+                    deliveries.push(None);
+                }
+            }
+        }
+        let written = (deliveries.len() - failures.len()) as u64 - oversized;
+        self.metrics
+            .produced(topic, written, failures.len() as u64, oversized);
+        if failures.is_empty() {
+            return Ok(deliveries.into_iter().flatten().collect());
+        }
+        Err(Error::Produce(ProduceError {
+            topic: topic.to_owned(),
+            total: messages.len(),
+            failures,
+            deliveries,
+        }))
+    }
+
+    /// Waits (blocking the thread) until every queued record is delivered or
+    /// `timeout` passes. [`Producer::produce_batch`] already waits for its
+    /// records; this is for records sent some other way.
+    pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
+        self.inner.flush(timeout).map_err(Error::from)
+    }
+
+    /// Flushes (up to `producer.flush_timeout_ms`) and closes the producer.
+    pub async fn close(self) -> Result<(), Error> {
+        let timeout = self.flush_timeout;
+        tokio::task::spawn_blocking(move || self.flush(timeout))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        if self.inner.in_flight_count() == 0 {
+            return;
+        }
+        if let Err(e) = self.inner.flush(self.flush_timeout) {
+            tracing::error!(
+                error = %e,
+                queued = self.inner.in_flight_count(),
+                "producer dropped with records still undelivered after flush_timeout_ms; they are lost (call close() and check its result)"
+            );
+        }
+    }
+}
+
+fn is_oversized(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+}
+
+/// The delivery reports of one batch, filled in by librdkafka's thread.
+struct BatchDeliveries {
+    results: Mutex<Vec<Option<Result<Delivery, RecordError>>>>,
+    /// Records not yet reported, plus one until every record was sent.
+    remaining: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl BatchDeliveries {
+    fn new(len: usize) -> Self {
+        BatchDeliveries {
+            results: Mutex::new((0..len).map(|_| None).collect()),
+            remaining: AtomicUsize::new(len + 1),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn complete(&self, index: usize, result: Result<Delivery, RecordError>) {
+        if let Some(slot) = self
+            .results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(index)
+        {
+            *slot = Some(result);
+        }
+        self.count_down();
+    }
+
+    fn count_down(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    /// Drops the "still sending" count and waits for every report.
+    async fn sent_all(&self) {
+        self.count_down();
+        if self.remaining.load(Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+    }
+}
+
+struct Pending {
+    batch: Arc<BatchDeliveries>,
+    index: usize,
+}
+
+struct DeliveryContext;
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Box<Pending>) {
+        let outcome = match result {
+            Ok(m) => Ok(Delivery::Written {
+                partition: m.partition(),
+                offset: m.offset(),
+            }),
+            Err((e, _)) => Err(RecordError::Kafka(e.clone())),
+        };
+        pending.batch.complete(pending.index, outcome);
+    }
+}

@@ -1,0 +1,229 @@
+use super::*;
+use figment::Jail;
+
+fn load_in(jail: &mut Jail, toml: &str) -> Result<Settings, SettingsError> {
+    jail.create_file("settings.toml", toml)
+        .expect("write the test's TOML file");
+    Settings::load_file("settings.toml")
+}
+
+fn message(result: Result<Settings, SettingsError>) -> String {
+    match result {
+        Ok(s) => panic!("expected an error, got {s:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn config_default_toml_holds_exactly_the_defaults() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml");
+    let from_file: Settings = Figment::from(Toml::file_exact(path))
+        .extract()
+        .expect("config/default.toml parses as Settings");
+    assert_eq!(
+        from_file,
+        Settings::default(),
+        "config/default.toml drifted from the code's defaults"
+    );
+}
+
+#[test]
+fn toml_then_env_then_code() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_CONSUMER__BATCH_SIZE", "42");
+        jail.set_env("KAFKA_BATCH_CONSUMER__TOPICS", "a, b");
+        jail.create_file(
+            "settings.toml",
+            r#"
+            service = "enricher"
+            bootstrap_servers = "file:9092"
+            [consumer]
+            group_id = "g"
+            batch_size = 7
+            batch_timeout_ms = 250
+            topics = ["from-file"]
+            "#,
+        )?;
+        let figment = Settings::figment_for(Some(Path::new("settings.toml")))
+            .merge(("consumer.latest_only", true));
+        let s = Settings::from_figment(figment).expect("valid settings");
+        assert_eq!(s.consumer.batch_size, 42, "env beats the file");
+        assert_eq!(
+            s.consumer.batch_timeout_ms, 250,
+            "the file beats the defaults"
+        );
+        assert_eq!(
+            s.consumer.topics,
+            vec!["a", "b"],
+            "a comma-separated list from env"
+        );
+        assert!(s.consumer.latest_only, "code beats everything");
+        assert_eq!(
+            s.consumer.bootstrap_servers, "file:9092",
+            "inherited from the top level"
+        );
+        assert_eq!(s.consumer.service, "enricher");
+        assert_eq!(s.producer.service, "enricher");
+        Ok(())
+    });
+}
+
+#[test]
+fn librdkafka_properties_pass_through_from_toml_and_env() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_CONSUMER__KAFKA__FETCH_MAX_BYTES", "2097152");
+        jail.set_env("KAFKA_BATCH_KAFKA__SECURITY_PROTOCOL", "ssl");
+        let s = load_in(
+            jail,
+            r#"
+            bootstrap_servers = "b:9092"
+            [kafka]
+            "client.id" = "from-top"
+            [consumer]
+            group_id = "g"
+            topics = ["t"]
+            [consumer.kafka]
+            "client.id" = "consumer-wins"
+            "queued.min.messages" = 1000
+            "check.crcs" = true
+            [producer.kafka]
+            "linger.ms" = 20
+            "#,
+        )
+        .expect("valid settings");
+        let c = &s.consumer.kafka;
+        assert_eq!(
+            c.get("fetch.max.bytes"),
+            Some("2097152"),
+            "dots written as _ in env"
+        );
+        assert_eq!(
+            c.get("security.protocol"),
+            Some("ssl"),
+            "top-level env for both clients"
+        );
+        assert_eq!(c.get("client.id"), Some("consumer-wins"));
+        assert_eq!(
+            c.get("queued.min.messages"),
+            Some("1000"),
+            "numbers become text"
+        );
+        assert_eq!(c.get("check.crcs"), Some("true"));
+        assert_eq!(s.producer.kafka.get("client.id"), Some("from-top"));
+        assert_eq!(s.producer.kafka.get("linger.ms"), Some("20"));
+        assert_eq!(s.producer.kafka.get("security.protocol"), Some("ssl"));
+
+        let config = s.consumer.client_config().expect("consumer config");
+        assert_eq!(config.get("fetch.max.bytes"), Some("2097152"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(config.get("group.id"), Some("g"));
+        let config = s.producer.client_config().expect("producer config");
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("compression.type"), Some("snappy"));
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_setting_names_are_rejected() {
+    Jail::expect_with(|jail| {
+        let text = message(load_in(jail, "[consumer]\nbach_size = 10\n"));
+        assert!(text.contains("bach_size"), "{text}");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_CONSUMER__BATCHSIZE", "10");
+        let text = message(load_in(jail, ""));
+        assert!(text.contains("batchsize"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn auto_commit_is_refused_with_the_reason() {
+    Jail::expect_with(|jail| {
+        let text = message(load_in(
+            jail,
+            "[consumer.kafka]\n\"enable.auto.commit\" = true\n",
+        ));
+        assert!(text.contains("enable.auto.commit"), "{text}");
+        assert!(text.contains("never handled"), "{text}");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_KAFKA__ENABLE_AUTO_COMMIT", "true");
+        let text = message(load_in(jail, ""));
+        assert!(text.contains("enable.auto.commit"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn zero_sizes_are_refused() {
+    for setting in [
+        "batch_size",
+        "batch_timeout_ms",
+        "max_batch_bytes",
+        "prefetch_batches",
+    ] {
+        Jail::expect_with(|jail| {
+            let text = message(load_in(jail, &format!("[consumer]\n{setting} = 0\n")));
+            assert!(text.contains(&format!("consumer.{setting}")), "{text}");
+            assert!(text.contains("at least 1"), "{text}");
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn a_consumer_needs_brokers_a_group_and_topics() {
+    let ok = ConsumerSettings::new("b:9092", "g", &["t"]);
+    assert!(ok.validate().is_ok());
+    let cases = [
+        (
+            ConsumerSettings::new("", "g", &["t"]),
+            "consumer.bootstrap_servers",
+        ),
+        (
+            ConsumerSettings::new("b:9092", "", &["t"]),
+            "consumer.group_id",
+        ),
+        (ConsumerSettings::new("b:9092", "g", &[]), "consumer.topics"),
+    ];
+    for (settings, expected) in cases {
+        let text = settings.validate().expect_err(expected).to_string();
+        assert!(text.contains(expected), "{text}");
+        assert!(
+            text.contains("KAFKA_BATCH_"),
+            "the error says how to fix it: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_an_error_but_no_default_file_is_fine() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_CONFIG", "nope.toml");
+        let text = message(Settings::load());
+        assert!(text.contains("nope.toml"), "{text}");
+        Ok(())
+    });
+    Jail::expect_with(|_| {
+        let mut defaults = Settings::default();
+        defaults.resolve();
+        assert_eq!(Settings::load().expect("defaults"), defaults);
+        Ok(())
+    });
+}
+
+#[test]
+fn reserved_properties_name_their_setting() {
+    let mut s = ConsumerSettings::new("b:9092", "g", &["t"]);
+    s.kafka.set("group.id", "other");
+    let text = s.validate().expect_err("group.id is reserved").to_string();
+    assert!(
+        text.contains("consumer_group") || text.contains("consumer.group_id"),
+        "{text}"
+    );
+}
