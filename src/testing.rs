@@ -220,7 +220,12 @@ impl EmbeddedBroker {
         count: usize,
         timeout: Duration,
     ) -> Result<Vec<Message<T>>, Error> {
-        let consumer: BaseConsumer = self.client_config().create()?;
+        // Assigned partitions, no group membership and nothing committed.
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", "kafka-batch-embedded-broker-reader")
+            .set("enable.auto.commit", "false")
+            .create()?;
         let mut tpl = TopicPartitionList::new();
         for partition in partitions_of(&consumer, topic)? {
             tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
