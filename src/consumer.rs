@@ -438,6 +438,26 @@ struct Shared {
 }
 
 impl Shared {
+    #[cfg(test)]
+    fn for_tests() -> Shared {
+        let (_, inbox) = mpsc::channel();
+        Shared {
+            state: Mutex::new(PollerState {
+                tracker: OffsetTracker::default(),
+                inbox: Some(inbox),
+                in_flight: Vec::new(),
+                paused: false,
+                handler_failed: false,
+            }),
+            stopping: AtomicBool::new(false),
+            rebalance_epoch: AtomicU64::new(0),
+            stats: StatsCounters::default(),
+            metrics: ConsumerMetrics::new("test"),
+            revoke_timeout: Duration::from_secs(1),
+            commit: true,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, PollerState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -187,72 +187,23 @@ impl EmbeddedBroker {
         ProducerSettings::new(&self.bootstrap)
     }
 
-    /// The offsets group `group_id` has committed for `topic`, by partition
-    /// (partitions with no commit are left out). Blocking.
+    /// The offsets group `group_id` has committed for `topic` (see [`committed_offsets`]).
     pub fn committed_offsets(
         &self,
         group_id: &str,
         topic: &str,
     ) -> Result<BTreeMap<i32, i64>, Error> {
-        let consumer: BaseConsumer = self.client_config().set("group.id", group_id).create()?;
-        let mut tpl = TopicPartitionList::new();
-        for partition in partitions_of(&consumer, topic)? {
-            tpl.add_partition(topic, partition);
-        }
-        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-        Ok(committed
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect())
+        committed_offsets(&self.bootstrap, group_id, topic)
     }
 
-    /// Reads `topic` from the beginning of every partition until `count`
-    /// messages were decoded or `timeout` passed, outside any group. Blocking.
-    ///
-    /// Tombstones are skipped; a record that cannot be decoded is an error.
+    /// Reads messages of `topic` from the beginning (see [`read_messages`]).
     pub fn read_messages<T: DeserializeOwned>(
         &self,
         topic: &str,
         count: usize,
         timeout: Duration,
     ) -> Result<Vec<Message<T>>, Error> {
-        // Assigned partitions, no group membership and nothing committed.
-        let consumer: BaseConsumer = self
-            .client_config()
-            .set("group.id", "kafka-batch-embedded-broker-reader")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        for partition in partitions_of(&consumer, topic)? {
-            tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
-        let topic_name: Arc<str> = Arc::from(topic);
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(count);
-        while out.len() < count && Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(100)) {
-                None => {}
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(m)) => {
-                    let record = RawRecord {
-                        topic: m.topic(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key(),
-                        value: m.payload(),
-                    };
-                    if let Some(message) = unpack(record, &topic_name)? {
-                        out.push(message);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        read_messages(&self.bootstrap, topic, count, timeout)
     }
 
     /// Produces raw records (no envelope): `(partition, key, value)`, where
@@ -276,10 +227,84 @@ impl EmbeddedBroker {
     }
 
     fn client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.bootstrap);
-        config
+        client_config(&self.bootstrap)
     }
+}
+
+fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    config
+}
+
+/// The offsets group `group_id` has committed for `topic` on the cluster at
+/// `bootstrap`, by partition (partitions with no commit are left out).
+/// Blocking. Works against any cluster, not only an embedded one.
+pub fn committed_offsets(
+    bootstrap: &str,
+    group_id: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, Error> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", group_id)
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for partition in partitions_of(&consumer, topic)? {
+        tpl.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Reads `topic` on the cluster at `bootstrap` from the beginning of every
+/// partition until `count` messages were decoded or `timeout` passed,
+/// outside any group (nothing is committed). Blocking.
+///
+/// Tombstones are skipped; a record that cannot be decoded is an error.
+pub fn read_messages<T: DeserializeOwned>(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<Message<T>>, Error> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", "kafka-batch-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for partition in partitions_of(&consumer, topic)? {
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let topic_name: Arc<str> = Arc::from(topic);
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => {
+                let record = RawRecord {
+                    topic: m.topic(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                };
+                if let Some(message) = unpack(record, &topic_name)? {
+                    out.push(message);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Error> {

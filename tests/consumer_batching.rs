@@ -238,3 +238,48 @@ async fn tombstones_are_skipped_and_their_offsets_committed() {
     handle.shutdown();
     within(LIMIT, run).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_stops_the_consumer_with_nothing_committed_past_it() {
+    let broker = broker_with("dirty", 1);
+    let good = |n: usize| serde_json::to_vec(&json!({ "item": { "n": n } })).unwrap();
+    let (g0, g1, g2, g4) = (good(0), good(1), good(2), good(4));
+    broker
+        .produce_raw(
+            "dirty",
+            &[
+                (0, Some(b"a"), Some(&g0)),
+                (0, Some(b"b"), Some(&g1)),
+                (0, Some(b"c"), Some(&g2)),
+                (0, Some(b"d"), Some(b"{not json")),
+                (0, Some(b"e"), Some(&g4)),
+            ],
+        )
+        .unwrap();
+    let consumer = Consumer::new(&consumer_settings(&broker, "g", "dirty", 3, 300)).unwrap();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let seen = handled.clone();
+    let error = within(
+        LIMIT,
+        consumer.process(async move |batch: Vec<Message>| {
+            seen.lock().unwrap().extend(batch.iter().map(n_of));
+            Ok::<_, Error>(())
+        }),
+    )
+    .await
+    .expect_err("the bad record stops the consumer");
+    let Error::Decode(e) = &error else {
+        panic!("a decode error, got {error}")
+    };
+    assert_eq!((e.topic.as_str(), e.partition, e.offset), ("dirty", 0, 3));
+    assert!(
+        error.to_string().contains("dirty:0:3") && error.to_string().contains("not JSON"),
+        "{error}"
+    );
+    assert_eq!(*handled.lock().unwrap(), vec![0, 1, 2]);
+    assert_eq!(
+        committed(&broker, "g", "dirty").await,
+        [(0, 3)].into(),
+        "nothing past the bad record"
+    );
+}

@@ -245,3 +245,108 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         self.batch.drop_stale(tracker);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn record<'a>(topic: &'a str, offset: i64, value: Option<&'a [u8]>) -> RawRecord<'a> {
+        RawRecord {
+            topic,
+            partition: 0,
+            offset,
+            key: Some(b"k"),
+            value,
+        }
+    }
+
+    fn builder(topics: &[&str]) -> BatchBuilder<Value> {
+        let mut settings = ConsumerSettings::new("b:9092", "g", topics);
+        settings.batch_size = 2;
+        BatchBuilder::new(&settings)
+    }
+
+    #[test]
+    fn records_of_unsubscribed_topics_are_skipped_but_their_offsets_are_kept() {
+        let shared = Shared::for_tests();
+        let mut b = builder(&["events"]);
+        let envelope = br#"{"item": 1}"#;
+        for (topic, offset) in [
+            ("events", 10),
+            ("stranger", 3),
+            ("stranger", 4),
+            ("events", 11),
+        ] {
+            assert!(b
+                .push(record(topic, offset, Some(envelope)), |_| Some(1), &shared)
+                .unwrap()
+                .is_none());
+        }
+        assert!(
+            b.should_cut(Instant::now()),
+            "two messages make a batch of two"
+        );
+        let batch = b.cut(Instant::now());
+        assert_eq!(
+            batch.messages.len(),
+            2,
+            "only the subscribed topic's messages"
+        );
+        assert_eq!(
+            batch.batch_ref().to_string(),
+            "events[0=10:12],stranger[0=3:5]"
+        );
+        assert_eq!(
+            shared
+                .stats
+                .skipped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn a_pattern_subscription_accepts_what_librdkafka_matched() {
+        let sub = Subscription {
+            topics: vec!["^events-.*".into()],
+            any: true,
+        };
+        assert!(sub.accepts("events-eu"));
+        let exact = Subscription {
+            topics: vec!["events".into()],
+            any: false,
+        };
+        assert!(exact.accepts("events") && !exact.accepts("events-eu"));
+    }
+
+    #[test]
+    fn a_record_of_an_unassigned_partition_is_dropped_unread() {
+        let shared = Shared::for_tests();
+        let mut b = builder(&["events"]);
+        assert!(b
+            .push(
+                record("events", 1, Some(br#"{"item": 1}"#)),
+                |_| None,
+                &shared
+            )
+            .unwrap()
+            .is_none());
+        assert!(
+            !b.should_cut(Instant::now() + Duration::from_secs(60)),
+            "nothing was added"
+        );
+    }
+
+    #[test]
+    fn a_decode_error_adds_nothing_to_the_batch() {
+        let shared = Shared::for_tests();
+        let mut b = builder(&["events"]);
+        let err = b
+            .push(record("events", 7, Some(b"garbage")), |_| Some(1), &shared)
+            .err()
+            .unwrap();
+        assert_eq!((err.topic.as_str(), err.offset), ("events", 7));
+        assert!(!b.should_cut(Instant::now() + Duration::from_secs(60)));
+    }
+}

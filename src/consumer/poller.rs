@@ -27,6 +27,13 @@ use crate::settings::ConsumerSettings;
 
 /// The longest a single poll blocks, so outcomes and shutdown are noticed quickly.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(50);
+/// How long the poller waits for a busy handler without polling before it
+/// pauses its partitions. Waiting without polling is cheap and bounded
+/// (librdkafka's own prefetch queue is capped by `queued.max.messages.kbytes`)
+/// and keeps that prefetched data, which a pause throws away and refetches;
+/// pausing (and polling on) is what keeps a slow handler's consumer in its
+/// group. Rebalance callbacks wait at most this long.
+const PAUSE_AFTER: Duration = Duration::from_millis(1000);
 /// How long to wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(500);
 /// Attempts at the last commit before the consumer closes.
@@ -43,6 +50,8 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
     let mut retry_commit_at: Option<Instant> = None;
     let mut failure: Option<Error> = None;
+    // Since when a batch has been ready with no room for it in the channel.
+    let mut full_since: Option<Instant> = None;
 
     let outcome = loop {
         {
@@ -65,9 +74,22 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             } else {
                 hand_over(&mut ready, &batches, &mut st);
             }
-            let want_pause = stopping || !ready.is_empty();
+            let now = Instant::now();
+            let full = !stopping && !ready.is_empty();
+            full_since = if full { full_since.or(Some(now)) } else { None };
+            let waited = full_since.map_or(Duration::ZERO, |since| now.duration_since(since));
+            let want_pause = stopping || waited >= PAUSE_AFTER;
             if want_pause != st.paused {
                 set_paused(&consumer, &mut st, &shared, want_pause);
+            }
+            if full && !want_pause {
+                // The handler is busy: wait for its outcome rather than poll for more.
+                st.wait_one(
+                    (PAUSE_AFTER - waited).min(MAX_POLL_WAIT),
+                    &consumer,
+                    &shared,
+                );
+                continue;
             }
         }
 
