@@ -253,7 +253,7 @@ pub fn unpack<T: DeserializeOwned>(
 ) -> Result<Option<Message<T>>, DecodeError> {
     let value = match record.value {
         None => return Ok(None),
-        Some(v) if v.is_empty() => return Ok(None),
+        Some([]) => return Ok(None),
         Some(v) => v,
     };
     let fail = |kind| DecodeError {

@@ -50,6 +50,10 @@ use crate::envelope::{unpack, Message, RawRecord};
 use crate::error::Error;
 use crate::settings::{ConsumerSettings, ProducerSettings};
 
+/// A record for [`EmbeddedBroker::produce_raw`]: `(partition, key, value)`,
+/// where `None` is a null key or value (a null value is a tombstone).
+pub type RawProduce<'a> = (i32, Option<&'a [u8]>, Option<&'a [u8]>);
+
 type Call = Box<dyn FnOnce(*mut sys::rd_kafka_mock_cluster_t) -> RDKafkaRespErr + Send>;
 
 enum Command {
@@ -206,14 +210,9 @@ impl EmbeddedBroker {
         read_messages(&self.bootstrap, topic, count, timeout)
     }
 
-    /// Produces raw records (no envelope): `(partition, key, value)`, where
-    /// `None` is a null key or value (a tombstone). For tests of bad input.
-    /// Blocking; waits for every delivery.
-    pub fn produce_raw(
-        &self,
-        topic: &str,
-        records: &[(i32, Option<&[u8]>, Option<&[u8]>)],
-    ) -> Result<(), Error> {
+    /// Produces raw records (no envelope), for tests of bad input and
+    /// tombstones. Blocking; waits for every delivery.
+    pub fn produce_raw(&self, topic: &str, records: &[RawProduce<'_>]) -> Result<(), Error> {
         let producer: BaseProducer = self.client_config().create()?;
         for (partition, key, value) in records {
             let mut record: BaseRecord<'_, [u8], [u8]> =

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use kafka_batch::{Consumer, Error, Message};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(60);
 

@@ -84,7 +84,8 @@ fn tombstones_are_skipped_not_errors() {
 
 #[test]
 fn bad_records_are_errors_with_coordinates() {
-    let cases: [(Option<&[u8]>, &[u8], &str); 6] = [
+    type Case<'a> = (Option<&'a [u8]>, &'a [u8], &'a str);
+    let cases: [Case; 6] = [
         (None, br#"{"item": 1}"#, "key is null"),
         (Some(b"\xff\xfe"), br#"{"item": 1}"#, "not UTF-8"),
         (Some(b"k"), b"not json", "not JSON"),

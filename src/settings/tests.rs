@@ -1,3 +1,6 @@
+// figment::Jail fixes the closures' error type (figment::Error, which is large).
+#![allow(clippy::result_large_err)]
+
 use super::*;
 use figment::Jail;
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test tier of kafka-batch. On a fresh Debian machine it first
+# installs what building librdkafka needs.
+#
+#   tier 1: unit and property tests of the pure layers (envelope, settings, offsets)
+#   tier 2: integration tests against the embedded broker (librdkafka's mock
+#           cluster, on loopback, inside each test process), and doc tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in libssl-dev pkg-config zlib1g-dev make g++; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing build dependencies: ${need[*]}"
+  apt-get update -qq && apt-get install -y -qq "${need[@]}"
+fi
+
+echo "== tier 1: unit and property tests"
+cargo test --lib
+echo "== tier 2: integration tests on the embedded broker, and doc tests"
+cargo test --test '*'
+cargo test --doc
