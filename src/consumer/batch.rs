@@ -208,10 +208,15 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             .rposition(|r| r.tp.partition == partition && &*r.tp.topic == topic)
     }
 
+    /// True when the batch being built holds a record.
+    pub fn has_records(&self) -> bool {
+        self.batch.records() > 0
+    }
+
     /// True when the batch is full, or the timeout passed and it holds a record.
     pub fn should_cut(&self, now: Instant) -> bool {
         self.batch.messages.len() >= self.batch_size
-            || (self.batch.records() > 0 && now >= self.window_start + self.timeout)
+            || (self.has_records() && now >= self.window_start + self.timeout)
     }
 
     /// How long until the timeout of the batch being built.

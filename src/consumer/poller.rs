@@ -66,19 +66,22 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                 // The runner has stopped: it returns the handler's error.
                 break Ok(());
             }
-            let stopping = shared.stopping.load(Ordering::Acquire);
-            if stopping {
-                if st.in_flight.is_empty() {
-                    break failure.take().map_or(Ok(()), Err);
-                }
-            } else {
+            // A user shutdown finishes only the batch in hand; after a failure
+            // (an undecodable record, a fatal error) every record read before
+            // it is still handed over, so the commit stops exactly there.
+            let shutting_down = shared.stopping.load(Ordering::Acquire);
+            let draining = failure.is_some();
+            if !shutting_down {
                 hand_over(&mut ready, &batches, &mut st);
             }
+            if st.in_flight.is_empty() && (shutting_down || (draining && ready.is_empty())) {
+                break failure.take().map_or(Ok(()), Err);
+            }
             let now = Instant::now();
-            let full = !stopping && !ready.is_empty();
+            let full = !shutting_down && !draining && !ready.is_empty();
             full_since = if full { full_since.or(Some(now)) } else { None };
             let waited = full_since.map_or(Duration::ZERO, |since| now.duration_since(since));
-            let want_pause = stopping || waited >= PAUSE_AFTER;
+            let want_pause = shutting_down || draining || waited >= PAUSE_AFTER;
             if want_pause != st.paused {
                 set_paused(&consumer, &mut st, &shared, want_pause);
             }
@@ -93,11 +96,12 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             }
         }
 
-        let wait = if shared.stopping.load(Ordering::Acquire) || !ready.is_empty() {
-            MAX_POLL_WAIT
-        } else {
-            builder.remaining(Instant::now()).min(MAX_POLL_WAIT)
-        };
+        let wait =
+            if shared.stopping.load(Ordering::Acquire) || failure.is_some() || !ready.is_empty() {
+                MAX_POLL_WAIT
+            } else {
+                builder.remaining(Instant::now()).min(MAX_POLL_WAIT)
+            };
         let polled = consumer.poll(wait);
 
         let current = shared.rebalance_epoch.load(Ordering::Acquire);
@@ -110,6 +114,8 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
 
         match polled {
             None => {}
+            // Stopping: a record still arriving is left for the next read.
+            Some(Ok(_)) if failure.is_some() => {}
             Some(Ok(m)) => {
                 let record = RawRecord {
                     topic: m.topic(),
@@ -124,9 +130,8 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                     Err(e) => {
                         shared.metrics.decode_error(&e.topic);
                         shared.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, "undecodable record: the consumer stops (failure policy `fail`)");
+                        tracing::error!(error = %e, "undecodable record: the consumer stops after handling what came before it (failure policy `fail`)");
                         failure = Some(Error::Decode(e));
-                        shared.stopping.store(true, Ordering::Release);
                     }
                 }
             }
@@ -134,7 +139,6 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                 Some((code, reason)) => {
                     tracing::error!(%code, %reason, "fatal Kafka consumer error: the consumer stops");
                     failure = Some(Error::Kafka(KafkaError::MessageConsumption(code)));
-                    shared.stopping.store(true, Ordering::Release);
                 }
                 None => {
                     tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)")
@@ -143,7 +147,12 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         }
 
         let now = Instant::now();
-        if builder.should_cut(now) {
+        if failure.is_some() {
+            // Hand over what was read before the failure.
+            if builder.has_records() {
+                ready.push_back(builder.cut(now));
+            }
+        } else if builder.should_cut(now) {
             ready.push_back(builder.cut(now));
         } else {
             builder.restart_idle_window(now);
