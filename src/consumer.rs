@@ -265,6 +265,25 @@ where
 }
 
 /// Controls a running consumer. Cheap to clone; usable from the handler.
+///
+/// ```no_run
+/// use kafka_batch::{Consumer, ConsumerSettings, Message};
+///
+/// # async fn run() -> Result<(), kafka_batch::Error> {
+/// let consumer = Consumer::new(&ConsumerSettings::new("localhost:9092", "g", &["events"]))?;
+/// let handle = consumer.handle();
+/// let stopper = handle.clone();
+/// consumer
+///     .process(async |batch: Vec<Message>| {
+///         if batch.iter().any(|m| m.id == "stop") {
+///             stopper.shutdown(); // this batch still commits; process then returns Ok
+///         }
+///         Ok::<_, std::io::Error>(())
+///     })
+///     .await?;
+/// println!("handled {} messages", handle.stats().messages);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct ConsumerHandle {
     shared: Arc<Shared>,

@@ -34,6 +34,20 @@ pub const MAX_HIST_DEPTH: u32 = 100;
 ///
 /// Refs form the provenance tree of a record: when a service produces an
 /// output from some inputs, the inputs' refs become the output's `hist.refs`.
+///
+/// ```
+/// use kafka_batch::{Hist, Ref};
+///
+/// let input = Ref {
+///     topic: "events".into(),
+///     partition: 3,
+///     offset: 1042,
+///     key: Some("evt-1".into()),
+///     hist: Some(Box::new(Hist { svc: "loader".into(), dt: "2026-11-22T09:34:06+00:00".into(), refs: vec![] })),
+/// };
+/// assert_eq!(input.to_string(), "events:3:1042:evt-1");
+/// assert_eq!(input.hist.as_ref().map(|h| h.depth()), Some(1));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Ref {
     /// Topic of the consumed record.

@@ -126,6 +126,17 @@ impl Default for Settings {
 }
 
 /// The consumer's settings (the `[consumer]` table).
+///
+/// Usually loaded with [`Settings::load`]; built in code for tests and tools:
+///
+/// ```
+/// use kafka_batch::ConsumerSettings;
+///
+/// let mut settings = ConsumerSettings::new("localhost:9092", "enricher", &["events"]);
+/// settings.batch_size = 1000;
+/// settings.kafka.set("fetch.min.bytes", "65536");
+/// assert!(settings.validate().is_ok());
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
@@ -184,6 +195,15 @@ impl Default for ConsumerSettings {
 }
 
 /// The producer's settings (the `[producer]` table).
+///
+/// ```
+/// use kafka_batch::ProducerSettings;
+///
+/// let mut settings = ProducerSettings::new("localhost:9092");
+/// settings.service = "enricher".into();
+/// settings.kafka.set("linger.ms", "20");
+/// assert_eq!(settings.client_config().unwrap().get("acks"), Some("all"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProducerSettings {
@@ -388,6 +408,25 @@ impl ConsumerSettings {
                 ));
             }
         }
+        let max_poll_interval = self
+            .kafka
+            .get("max.poll.interval.ms")
+            .or_else(|| {
+                CONSUMER_DEFAULTS
+                    .iter()
+                    .find(|(k, _)| *k == "max.poll.interval.ms")
+                    .map(|(_, v)| *v)
+            })
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(max) = max_poll_interval {
+            if self.revoke_timeout_ms >= max {
+                return Err(SettingsError::invalid(
+                    "consumer.revoke_timeout_ms",
+                    format!("({}) is not below max.poll.interval.ms ({max})", self.revoke_timeout_ms),
+                    "a revoke that waits that long would get the consumer evicted; lower it or raise max.poll.interval.ms",
+                ));
+            }
+        }
         self.kafka.check_reserved("consumer.kafka")
     }
 
@@ -467,6 +506,14 @@ impl ProducerSettings {
 /// Names are normalised: `_` becomes `.`, so that an environment variable
 /// (which cannot hold a dot) can name any property. Values may be strings,
 /// numbers or booleans.
+///
+/// ```
+/// use kafka_batch::settings::KafkaProperties;
+///
+/// let mut props = KafkaProperties::default();
+/// props.set("fetch_max_bytes", "2097152"); // as an environment variable writes it
+/// assert_eq!(props.get("fetch.max.bytes"), Some("2097152"));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KafkaProperties(BTreeMap<String, String>);
 

@@ -230,3 +230,19 @@ fn reserved_properties_name_their_setting() {
         "{text}"
     );
 }
+
+#[test]
+fn a_revoke_timeout_that_would_outlast_max_poll_interval_is_refused() {
+    let mut s = ConsumerSettings::new("b:9092", "g", &["t"]);
+    s.kafka.set("max.poll.interval.ms", "20000");
+    let text = s
+        .validate()
+        .expect_err("30 s revoke wait > 20 s poll interval")
+        .to_string();
+    assert!(
+        text.contains("consumer.revoke_timeout_ms") && text.contains("evicted"),
+        "{text}"
+    );
+    s.revoke_timeout_ms = 10_000;
+    assert!(s.validate().is_ok());
+}
