@@ -84,21 +84,7 @@ impl Consumer {
     pub fn new(settings: &ConsumerSettings) -> Result<Consumer, Error> {
         let config = settings.client_config()?;
         let (events, inbox) = mpsc::channel();
-        let shared = Arc::new(Shared {
-            state: Mutex::new(PollerState {
-                tracker: OffsetTracker::default(),
-                inbox: Some(inbox),
-                in_flight: Vec::new(),
-                paused: false,
-                handler_failed: false,
-            }),
-            stopping: AtomicBool::new(false),
-            rebalance_epoch: AtomicU64::new(0),
-            stats: StatsCounters::default(),
-            metrics: ConsumerMetrics::new(&settings.service),
-            revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
-            commit: settings.commit,
-        });
+        let shared = Arc::new(Shared::new(settings, inbox));
         let consumer: BaseConsumer<PollerContext> =
             config.create_with_context(PollerContext::new(Arc::clone(&shared)))?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -212,6 +198,17 @@ impl Consumer {
             }
         })
         .await
+    }
+}
+
+/// The decoder's view of a record librdkafka returned.
+pub(crate) fn raw_record<M: rdkafka::Message>(m: &M) -> crate::envelope::RawRecord<'_> {
+    crate::envelope::RawRecord {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        value: m.payload(),
     }
 }
 
@@ -457,9 +454,7 @@ struct Shared {
 }
 
 impl Shared {
-    #[cfg(test)]
-    fn for_tests() -> Shared {
-        let (_, inbox) = mpsc::channel();
+    fn new(settings: &ConsumerSettings, inbox: mpsc::Receiver<ToPoller>) -> Shared {
         Shared {
             state: Mutex::new(PollerState {
                 tracker: OffsetTracker::default(),
@@ -471,10 +466,15 @@ impl Shared {
             stopping: AtomicBool::new(false),
             rebalance_epoch: AtomicU64::new(0),
             stats: StatsCounters::default(),
-            metrics: ConsumerMetrics::new("test"),
-            revoke_timeout: Duration::from_secs(1),
-            commit: true,
+            metrics: ConsumerMetrics::new(&settings.service),
+            revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
+            commit: settings.commit,
         }
+    }
+
+    #[cfg(test)]
+    fn for_tests() -> Shared {
+        Shared::new(&ConsumerSettings::default(), mpsc::channel().1)
     }
 
     fn lock(&self) -> MutexGuard<'_, PollerState> {

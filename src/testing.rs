@@ -42,11 +42,11 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rdkafka_sys as sys;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{unpack, Message, RawRecord};
+use crate::envelope::{unpack, Message};
 use crate::error::Error;
 use crate::settings::{ConsumerSettings, ProducerSettings};
 
@@ -290,14 +290,7 @@ pub fn read_messages<T: DeserializeOwned>(
             None => {}
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
-                let record = RawRecord {
-                    topic: m.topic(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key(),
-                    value: m.payload(),
-                };
-                if let Some(message) = unpack(record, &topic_name)? {
+                if let Some(message) = unpack(crate::consumer::raw_record(&m), &topic_name)? {
                     out.push(message);
                 }
             }

@@ -15,24 +15,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 async fn batches_are_cut_at_batch_size_and_the_rest_when_the_timeout_passes() {
     let broker = broker_with("sized", 1);
     produce_numbered(&broker, "sized", 0..25).await;
-    let consumer = Consumer::new(&consumer_settings(&broker, "g", "sized", 10, 1500)).unwrap();
-    let handle = consumer.handle();
-    let sizes = Arc::new(Mutex::new(Vec::new()));
-    let seen = sizes.clone();
-    within(
-        LIMIT,
-        consumer.process(async |batch: Vec<Message>| {
-            let mut sizes = seen.lock().unwrap();
-            sizes.push(batch.len());
-            if sizes.iter().sum::<usize>() == 25 {
-                handle.shutdown();
-            }
-            Ok::<_, Error>(())
-        }),
-    )
-    .await
-    .expect("process returns Ok after shutdown");
-    assert_eq!(*sizes.lock().unwrap(), vec![10, 10, 5]);
+    let batches = collect_batches(&consumer_settings(&broker, "g", "sized", 10, 1500), 25).await;
+    assert_eq!(sizes(&batches), vec![10, 10, 5]);
     assert_eq!(committed(&broker, "g", "sized").await, [(0, 25)].into());
 }
 
@@ -40,23 +24,13 @@ async fn batches_are_cut_at_batch_size_and_the_rest_when_the_timeout_passes() {
 async fn a_short_batch_is_handed_over_when_the_timeout_passes() {
     let broker = broker_with("slow-trickle", 1);
     produce_numbered(&broker, "slow-trickle", 0..3).await;
-    let consumer =
-        Consumer::new(&consumer_settings(&broker, "g", "slow-trickle", 1000, 300)).unwrap();
-    let handle = consumer.handle();
-    let sizes = Arc::new(Mutex::new(Vec::new()));
-    let seen = sizes.clone();
-    within(
-        LIMIT,
-        consumer.process(async |batch: Vec<Message>| {
-            seen.lock().unwrap().push(batch.len());
-            handle.shutdown();
-            Ok::<_, Error>(())
-        }),
+    let batches = collect_batches(
+        &consumer_settings(&broker, "g", "slow-trickle", 1000, 300),
+        3,
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
-        *sizes.lock().unwrap(),
+        sizes(&batches),
         vec![3],
         "one batch of 3, not waiting for 1000"
     );
@@ -71,28 +45,11 @@ async fn batches_are_cut_before_they_pass_max_batch_bytes() {
         .map(|i| Message::new(format!("m{i:02}"), json!({ "text": big })))
         .collect();
     producer.produce_batch("bytes", &batch).await.unwrap();
-
     let mut settings = consumer_settings(&broker, "g", "bytes", 1000, 1000);
     // Each record (key + envelope) is a little over 1 KiB: three fit, four do not.
     settings.max_batch_bytes = 3500;
-    let consumer = Consumer::new(&settings).unwrap();
-    let handle = consumer.handle();
-    let sizes = Arc::new(Mutex::new(Vec::new()));
-    let seen = sizes.clone();
-    within(
-        LIMIT,
-        consumer.process(async |batch: Vec<Message>| {
-            let mut sizes = seen.lock().unwrap();
-            sizes.push(batch.len());
-            if sizes.iter().sum::<usize>() == 20 {
-                handle.shutdown();
-            }
-            Ok::<_, Error>(())
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(*sizes.lock().unwrap(), vec![3, 3, 3, 3, 3, 3, 2]);
+    let batches = collect_batches(&settings, 20).await;
+    assert_eq!(sizes(&batches), vec![3, 3, 3, 3, 3, 3, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::{Message as _, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{Batch, BatchBuilder};
 use super::rebalance::PollerContext;
 use super::{InFlight, PollerState, Shared};
-use crate::envelope::RawRecord;
 use crate::error::Error;
 use crate::offsets::TopicPartition;
 use crate::settings::ConsumerSettings;
@@ -117,14 +116,11 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // Stopping: a record still arriving is left for the next read.
             Some(Ok(_)) if failure.is_some() => {}
             Some(Ok(m)) => {
-                let record = RawRecord {
-                    topic: m.topic(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key(),
-                    value: m.payload(),
-                };
-                match builder.push(record, |tp| shared.lock().tracker.generation(tp), &shared) {
+                match builder.push(
+                    super::raw_record(&m),
+                    |tp| shared.lock().tracker.generation(tp),
+                    &shared,
+                ) {
                     Ok(Some(full)) => ready.push_back(full),
                     Ok(None) => {}
                     Err(e) => {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use kafka_batch::testing::EmbeddedBroker;
-use kafka_batch::{ConsumerSettings, Message, Producer};
+use kafka_batch::{Consumer, ConsumerSettings, Error, Message, Producer};
 use serde_json::{json, Value};
 
 /// Logs to the test output when RUST_LOG is set.
@@ -85,4 +85,35 @@ pub async fn committed(
 ) -> std::collections::BTreeMap<i32, i64> {
     tokio::task::block_in_place(|| broker.committed_offsets(group, topic))
         .expect("committed offsets")
+}
+
+/// Runs a consumer until it has handled `count` messages, then shuts it down;
+/// returns the batches the handler saw.
+pub async fn collect_batches(
+    settings: &ConsumerSettings,
+    count: usize,
+) -> Vec<Vec<Message<Value>>> {
+    let consumer = Consumer::new(settings).expect("consumer");
+    let handle = consumer.handle();
+    let mut batches: Vec<Vec<Message<Value>>> = Vec::new();
+    let mut seen = 0;
+    within(
+        Duration::from_secs(60),
+        consumer.process(async |batch: Vec<Message>| {
+            seen += batch.len();
+            batches.push(batch);
+            if seen >= count {
+                handle.shutdown();
+            }
+            Ok::<_, Error>(())
+        }),
+    )
+    .await
+    .expect("process returns Ok after shutdown");
+    batches
+}
+
+/// The size of each batch.
+pub fn sizes(batches: &[Vec<Message<Value>>]) -> Vec<usize> {
+    batches.iter().map(Vec::len).collect()
 }
