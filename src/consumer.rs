@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
@@ -78,17 +78,19 @@ impl std::fmt::Debug for Consumer {
 }
 
 impl Consumer {
-    /// Creates the consumer and subscribes to `settings.topics`.
+    /// Creates the consumer. It subscribes to `settings.topics` (and so joins
+    /// its group) when [`Consumer::process`] starts.
     ///
     /// Fails with an error naming the setting when the settings cannot work.
     pub fn new(settings: &ConsumerSettings) -> Result<Consumer, Error> {
         let config = settings.client_config()?;
         let (events, inbox) = mpsc::channel();
         let shared = Arc::new(Shared::new(settings, inbox));
+        // Created here so that a configuration librdkafka refuses fails now;
+        // the group is joined only when `process` starts, so a consumer
+        // created early is never a member that does not poll.
         let consumer: BaseConsumer<PollerContext> =
             config.create_with_context(PollerContext::new(Arc::clone(&shared)))?;
-        let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
         Ok(Consumer {
             consumer,
             shared,

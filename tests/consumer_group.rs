@@ -216,6 +216,10 @@ async fn take_over(strategy: &str) {
         // Notice rebalances quickly.
         s.kafka.set("heartbeat.interval.ms", "300");
         s.kafka.set("session.timeout.ms", "6000");
+        // librdkafka's own debug log, e.g. TEST_RDKAFKA_DEBUG=cgrp RUST_LOG=librdkafka=debug.
+        if let Ok(debug) = std::env::var("TEST_RDKAFKA_DEBUG") {
+            s.kafka.set("debug", debug);
+        }
         s.kafka.set("client.id", format!("consumer-{name}"));
         let consumer = Consumer::new(&s).unwrap();
         let handle = consumer.handle();
@@ -231,6 +235,9 @@ async fn take_over(strategy: &str) {
         });
         (handle, run)
     };
+    // Both are created now, b only starts later: a consumer that is not
+    // processing yet must not be a group member (it would hold partitions
+    // it never polls).
     let (a, run_a) = make('a');
     let (b, run_b) = make('b');
     let a_count = |c: char| {

@@ -44,6 +44,11 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     batches: tokio::sync::mpsc::Sender<Batch<T>>,
     settings: &ConsumerSettings,
 ) -> Result<(), Error> {
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    if let Err(e) = consumer.subscribe(&topics) {
+        shared.lock().inbox = None;
+        return Err(e.into());
+    }
     let mut builder = BatchBuilder::<T>::new(settings);
     let mut ready: VecDeque<Batch<T>> = VecDeque::new();
     let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
