@@ -312,12 +312,16 @@ impl ConsumerHandle {
         self.shared.stopping.load(Ordering::Acquire)
     }
 
-    /// Spawns a task that calls [`ConsumerHandle::shutdown`] on SIGINT (Ctrl-C)
-    /// or SIGTERM. Call it from inside a tokio runtime.
+    /// Calls [`ConsumerHandle::shutdown`] on SIGINT (Ctrl-C) or SIGTERM.
+    ///
+    /// The signal handlers are installed before this returns, so a signal
+    /// sent right after it already stops the consumer gracefully. Call it
+    /// from inside a tokio runtime; the returned task ends after the first signal.
     pub fn shutdown_on_signals(&self) -> tokio::task::JoinHandle<()> {
         let handle = self.clone();
+        let signals = Signals::install();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.recv().await;
             handle.shutdown();
         })
     }
@@ -363,25 +367,56 @@ impl ConsumerHandle {
     }
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
+/// SIGINT and SIGTERM listeners, installed when created.
+#[cfg(unix)]
+struct Signals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the consumer");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        let listen = |name: &str, kind: SignalKind| {
+            signal(kind)
+                .map_err(
+                    |e| tracing::warn!(error = %e, signal = name, "cannot listen for this signal"),
+                )
+                .ok()
+        };
+        Signals {
+            interrupt: listen("SIGINT", SignalKind::interrupt()),
+            terminate: listen("SIGTERM", SignalKind::terminate()),
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn recv(mut self) {
+        async fn next(listener: &mut Option<tokio::signal::unix::Signal>) {
+            match listener {
+                Some(l) => {
+                    l.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.interrupt) => {}
+            _ = next(&mut self.terminate) => {}
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Signals {
+        Signals
+    }
+
+    async fn recv(self) {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
