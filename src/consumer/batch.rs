@@ -77,6 +77,11 @@ impl<T> Batch<T> {
     }
 }
 
+/// The bytes a record counts for against `max_batch_bytes`: key and value.
+fn size_of(record: &RawRecord<'_>) -> usize {
+    record.value.map_or(0, <[u8]>::len) + record.key.map_or(0, <[u8]>::len)
+}
+
 /// Which topics the consumer subscribed to; records of others are skipped.
 struct Subscription {
     topics: Vec<String>,
@@ -121,31 +126,32 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         }
     }
 
-    /// Adds one record. Returns the previous batch when this record would
-    /// have taken it past `max_batch_bytes` (the record starts the next one).
+    /// Cuts the batch being built when `record` would take it past
+    /// `max_batch_bytes`, so that the record starts the next one.
+    pub fn make_room(&mut self, record: &RawRecord<'_>, now: Instant) -> Option<Batch<T>> {
+        (self.has_records() && self.bytes + size_of(record) > self.max_bytes).then(|| self.cut(now))
+    }
+
+    /// Adds one record (call [`BatchBuilder::make_room`] first).
     ///
     /// `generation` gives the partition's current assignment generation; a
     /// record of a partition not assigned (a race with a revoke) is dropped
-    /// unread, to be read again by the owner.
+    /// unread, to be read again by the owner. A record that cannot be decoded
+    /// adds nothing.
     pub fn push(
         &mut self,
         record: RawRecord<'_>,
         generation: impl FnOnce(&TopicPartition) -> Option<Generation>,
         shared: &Shared,
-    ) -> Result<Option<Batch<T>>, DecodeError> {
-        let size = record.value.map_or(0, <[u8]>::len) + record.key.map_or(0, <[u8]>::len);
-        let full = if self.batch.records() > 0 && self.bytes + size > self.max_bytes {
-            Some(self.cut(Instant::now()))
-        } else {
-            None
-        };
+    ) -> Result<(), DecodeError> {
+        let size = size_of(&record);
         let index = match self.range_of(record.topic, record.partition) {
             Some(i) => i,
             None => {
                 let tp = TopicPartition::new(record.topic, record.partition);
                 let Some(generation) = generation(&tp) else {
                     tracing::debug!(partition = %tp, offset = record.offset, "record of a partition not assigned dropped");
-                    return Ok(full);
+                    return Ok(());
                 };
                 let subscribed = self.subscription.accepts(record.topic);
                 if !subscribed {
@@ -197,7 +203,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         range.first = range.first.min(record.offset);
         range.end = range.end.max(record.offset + 1);
         range.records += 1;
-        Ok(full)
+        Ok(())
     }
 
     fn range_of(&self, topic: &str, partition: i32) -> Option<usize> {
@@ -283,10 +289,8 @@ mod tests {
             ("stranger", 4),
             ("events", 11),
         ] {
-            assert!(b
-                .push(record(topic, offset, Some(envelope)), |_| Some(1), &shared)
-                .unwrap()
-                .is_none());
+            b.push(record(topic, offset, Some(envelope)), |_| Some(1), &shared)
+                .unwrap();
         }
         assert!(
             b.should_cut(Instant::now()),
@@ -329,14 +333,12 @@ mod tests {
     fn a_record_of_an_unassigned_partition_is_dropped_unread() {
         let shared = Shared::for_tests();
         let mut b = builder(&["events"]);
-        assert!(b
-            .push(
-                record("events", 1, Some(br#"{"item": 1}"#)),
-                |_| None,
-                &shared
-            )
-            .unwrap()
-            .is_none());
+        b.push(
+            record("events", 1, Some(br#"{"item": 1}"#)),
+            |_| None,
+            &shared,
+        )
+        .unwrap();
         assert!(
             !b.should_cut(Instant::now() + Duration::from_secs(60)),
             "nothing was added"
@@ -349,9 +351,25 @@ mod tests {
         let mut b = builder(&["events"]);
         let err = b
             .push(record("events", 7, Some(b"garbage")), |_| Some(1), &shared)
-            .err()
-            .unwrap();
+            .unwrap_err();
         assert_eq!((err.topic.as_str(), err.offset), ("events", 7));
         assert!(!b.should_cut(Instant::now() + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_record_past_the_byte_limit_starts_the_next_batch_even_if_it_is_bad() {
+        let shared = Shared::for_tests();
+        let mut settings = ConsumerSettings::new("b:9092", "g", &["events"]);
+        settings.max_batch_bytes = 30;
+        let mut b: BatchBuilder<Value> = BatchBuilder::new(&settings);
+        let good = record("events", 1, Some(br#"{"item": "twenty bytes"}"#));
+        assert!(b.make_room(&good, Instant::now()).is_none());
+        b.push(good, |_| Some(1), &shared).unwrap();
+        let bad = record("events", 2, Some(b"garbage, and over the limit"));
+        let full = b
+            .make_room(&bad, Instant::now())
+            .expect("the batch is cut before the bad record");
+        assert_eq!(full.messages.len(), 1);
+        assert!(b.push(bad, |_| Some(1), &shared).is_err());
     }
 }

@@ -121,13 +121,12 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // Stopping: a record still arriving is left for the next read.
             Some(Ok(_)) if failure.is_some() => {}
             Some(Ok(m)) => {
-                match builder.push(
-                    super::raw_record(&m),
-                    |tp| shared.lock().tracker.generation(tp),
-                    &shared,
-                ) {
-                    Ok(Some(full)) => ready.push_back(full),
-                    Ok(None) => {}
+                let record = super::raw_record(&m);
+                if let Some(full) = builder.make_room(&record, Instant::now()) {
+                    ready.push_back(full);
+                }
+                match builder.push(record, |tp| shared.lock().tracker.generation(tp), &shared) {
+                    Ok(()) => {}
                     Err(e) => {
                         shared.metrics.decode_error(&e.topic);
                         shared.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -139,7 +138,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             Some(Err(e)) => match consumer.client().fatal_error() {
                 Some((code, reason)) => {
                     tracing::error!(%code, %reason, "fatal Kafka consumer error: the consumer stops");
-                    failure = Some(Error::Kafka(KafkaError::MessageConsumption(code)));
+                    failure = Some(Error::Kafka(KafkaError::MessageConsumptionFatal(code)));
                 }
                 None => {
                     tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)")
