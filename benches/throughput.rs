@@ -1,0 +1,415 @@
+//! Consume and produce throughput: kafka-batch against hand-written rdkafka
+//! code doing the same job, in one run, on the same broker and records.
+//!
+//! ```sh
+//! cargo bench --bench throughput                      # embedded broker in a child process
+//! BENCH_RECORDS=200000 cargo bench --bench throughput
+//! BENCH_BOOTSTRAP=127.0.0.1:9092 cargo bench --bench throughput   # any broker (topics auto-created)
+//! ```
+//!
+//! Reported per job: messages a second (wall) and CPU microseconds per
+//! message of this process (user + system, from /proc/self/stat), so the
+//! broker's work is not counted. Each job runs twice, alternating raw and
+//! library, and the better of the two runs is kept.
+
+use std::hint::black_box;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kafka_batch::settings::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS};
+use kafka_batch::testing::EmbeddedBroker;
+use kafka_batch::{Consumer, ConsumerSettings, Message, Producer, ProducerSettings};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Message as _};
+use serde::{Deserialize, Serialize};
+
+const INPUT: &str = "bench-input";
+const BATCH: usize = 500;
+
+/// About 200 bytes once enveloped.
+#[derive(Clone, Serialize, Deserialize)]
+struct Event {
+    title: String,
+    category: String,
+    lat: f64,
+    lon: f64,
+    rank: u32,
+}
+
+fn event(i: usize) -> Message<Event> {
+    Message::new(
+        format!("evt-{i:08}"),
+        Event {
+            title: format!("event number {i}"),
+            category: ["concerts", "sports", "expos"][i % 3].into(),
+            lat: (i % 18_000) as f64 / 100.0 - 90.0,
+            lon: (i % 36_000) as f64 / 100.0 - 180.0,
+            rank: (i % 100) as u32,
+        },
+    )
+}
+
+/// What the raw consumer decodes: the same payload type, history skipped.
+#[derive(Deserialize)]
+struct Envelope<T> {
+    item: T,
+    #[allow(dead_code)]
+    hist: serde::de::IgnoredAny,
+}
+
+/// What the raw producer writes: the same envelope kafka-batch writes.
+#[derive(Serialize)]
+struct EnvelopeOut<'a, T> {
+    item: &'a T,
+    hist: HistOut<'a>,
+}
+
+#[derive(Serialize)]
+struct HistOut<'a> {
+    svc: &'a str,
+    dt: &'a str,
+    refs: [(); 0],
+}
+
+/// CPU time (user + system) of this process so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name and state.
+    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+#[derive(Clone, Copy)]
+struct Measure {
+    wall: Duration,
+    cpu: Duration,
+    records: usize,
+}
+
+impl Measure {
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.wall.as_secs_f64()
+    }
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.records as f64
+    }
+}
+
+async fn measure<F: std::future::Future<Output = anyhow::Result<usize>>>(
+    job: F,
+) -> anyhow::Result<Measure> {
+    let (cpu0, wall0) = (cpu_time(), Instant::now());
+    let records = job.await?;
+    Ok(Measure {
+        wall: wall0.elapsed(),
+        cpu: cpu_time().saturating_sub(cpu0),
+        records,
+    })
+}
+
+fn best(a: Measure, b: Measure) -> Measure {
+    if a.wall <= b.wall {
+        a
+    } else {
+        b
+    }
+}
+
+fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in CONSUMER_DEFAULTS {
+        config.set(*k, *v);
+    }
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest");
+    config
+}
+
+/// The best hand-written loop: poll, decode, commit every BATCH messages
+/// (librdkafka stores each polled offset; the loop commits them).
+fn raw_consume(bootstrap: &str, group: &str, records: usize) -> anyhow::Result<usize> {
+    let consumer: BaseConsumer = consumer_config(bootstrap, group)
+        .set("enable.auto.offset.store", "true")
+        .create()?;
+    consumer.subscribe(&[INPUT])?;
+    let (mut count, mut since_commit) = (0, 0);
+    while count < records {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => bail!("raw consumer: {e}"),
+            Some(Ok(m)) => {
+                let envelope: Envelope<Event> =
+                    serde_json::from_slice(m.payload().unwrap_or_default())?;
+                black_box((m.key(), envelope.item));
+                count += 1;
+                since_commit += 1;
+                if since_commit == BATCH {
+                    consumer.commit_consumer_state(CommitMode::Sync)?;
+                    since_commit = 0;
+                }
+            }
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing new since the last commit.
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(count),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn library_consume(bootstrap: &str, group: &str, records: usize) -> anyhow::Result<usize> {
+    let mut settings = ConsumerSettings::new(bootstrap, group, &[INPUT]);
+    settings.batch_size = BATCH;
+    settings.kafka.set("auto.offset.reset", "earliest");
+    let consumer = Consumer::new(&settings)?;
+    let handle = consumer.handle();
+    let mut count = 0;
+    consumer
+        .process(async |batch: Vec<Message<Event>>| {
+            count += black_box(batch).len();
+            if count >= records {
+                handle.shutdown();
+            }
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok(count)
+}
+
+struct Counting {
+    delivered: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The best hand-written producer: pack into a reused buffer, send, flush.
+fn raw_produce(bootstrap: &str, topic: &str, messages: &[Message<Event>]) -> anyhow::Result<usize> {
+    let mut config = ClientConfig::new();
+    for (k, v) in PRODUCER_DEFAULTS {
+        config.set(*k, *v);
+    }
+    config.set("bootstrap.servers", bootstrap);
+    let producer: ThreadedProducer<Counting> = config.create_with_context(Counting {
+        delivered: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+    })?;
+    let dt = kafka_batch::envelope::format_dt(time::OffsetDateTime::now_utc());
+    let mut value = Vec::with_capacity(256);
+    for m in messages {
+        value.clear();
+        let hist = HistOut {
+            svc: "bench",
+            dt: &dt,
+            refs: [],
+        };
+        serde_json::to_writer(
+            &mut value,
+            &EnvelopeOut {
+                item: &m.payload,
+                hist,
+            },
+        )?;
+        let mut record = BaseRecord::to(topic)
+            .key(m.id.as_bytes())
+            .payload(value.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("raw producer: {e}"),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let context = producer.context();
+    let (delivered, failed) = (
+        context.delivered.load(Ordering::Relaxed),
+        context.failed.load(Ordering::Relaxed),
+    );
+    if failed > 0 {
+        bail!("raw producer: {failed} records failed");
+    }
+    Ok(delivered)
+}
+
+async fn library_produce(
+    bootstrap: &str,
+    topic: &str,
+    messages: &[Message<Event>],
+    chunk: usize,
+) -> anyhow::Result<usize> {
+    let mut settings = ProducerSettings::new(bootstrap);
+    settings.service = "bench".into();
+    let producer = Producer::new(&settings)?;
+    let mut delivered = 0;
+    for batch in messages.chunks(chunk) {
+        delivered += producer.produce_batch(topic, batch).await?.len();
+    }
+    producer.close().await?;
+    Ok(delivered)
+}
+
+/// The broker runs in a child process (this same binary), so that its CPU
+/// time is not this process's. It stops when this process closes its stdin.
+fn serve_broker() -> anyhow::Result<()> {
+    let partitions: i32 = std::env::var("BENCH_PARTITIONS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(64);
+    let broker = EmbeddedBroker::start()?;
+    for topic in std::env::var("BENCH_TOPICS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
+        broker.create_topic(topic, partitions)?;
+    }
+    println!("{}", broker.bootstrap_servers());
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    Ok(())
+}
+
+fn start_broker(topics: &[&str]) -> anyhow::Result<(String, Child)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .env("BENCH_SERVE_BROKER", "1")
+        .env("BENCH_TOPICS", topics.join(","))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("broker stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    Ok((line.trim().to_owned(), child))
+}
+
+fn report(job: &str, raw: Measure, library: Measure, library_label: &str) {
+    println!(
+        "{job:<8} raw rdkafka    {:>9.0} msg/s  {:>6.2} µs CPU/msg",
+        raw.rate(),
+        raw.cpu_us()
+    );
+    println!(
+        "{job:<8} {library_label:<14} {:>9.0} msg/s  {:>6.2} µs CPU/msg   throughput ratio {:.2}, CPU ratio {:.2}",
+        library.rate(),
+        library.cpu_us(),
+        library.rate() / raw.rate(),
+        library.cpu_us() / raw.cpu_us()
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::var_os("BENCH_SERVE_BROKER").is_some() {
+        return serve_broker();
+    }
+    let records: usize = std::env::var("BENCH_RECORDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1_000_000);
+    let topics = [INPUT, "bench-raw-out", "bench-lib-out", "bench-lib-out-10k"];
+    let (bootstrap, _broker) = match std::env::var("BENCH_BOOTSTRAP") {
+        Ok(b) => (b, None),
+        Err(_) => {
+            let (b, child) = start_broker(&topics)?;
+            (b, Some(child))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let messages: Vec<Message<Event>> = (0..records).map(event).collect();
+        println!("broker {bootstrap}; {records} records of ~200 bytes; batches of {BATCH}");
+        library_produce(&bootstrap, INPUT, &messages, 10_000).await?;
+
+        let mut rounds = Vec::new();
+        for round in 0..2 {
+            let b = bootstrap.clone();
+            let raw = measure(async {
+                let group = format!("raw-{round}");
+                tokio::task::spawn_blocking(move || raw_consume(&b, &group, records)).await?
+            })
+            .await?;
+            let library = measure(library_consume(
+                &bootstrap,
+                &format!("library-{round}"),
+                records,
+            ))
+            .await?;
+            rounds.push((raw, library));
+        }
+        let (raw, library) = (
+            best(rounds[0].0, rounds[1].0),
+            best(rounds[0].1, rounds[1].1),
+        );
+        report("consume", raw, library, "kafka-batch");
+
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            let b = bootstrap.clone();
+            let batch = messages.clone();
+            let raw = measure(async {
+                tokio::task::spawn_blocking(move || raw_produce(&b, "bench-raw-out", &batch))
+                    .await?
+            })
+            .await?;
+            let library = measure(library_produce(
+                &bootstrap,
+                "bench-lib-out",
+                &messages,
+                BATCH,
+            ))
+            .await?;
+            let library_10k = measure(library_produce(
+                &bootstrap,
+                "bench-lib-out-10k",
+                &messages,
+                10_000,
+            ))
+            .await?;
+            rounds.push((raw, library, library_10k));
+        }
+        let raw = best(rounds[0].0, rounds[1].0);
+        report(
+            "produce",
+            raw,
+            best(rounds[0].1, rounds[1].1),
+            "batches of 500",
+        );
+        report(
+            "produce",
+            raw,
+            best(rounds[0].2, rounds[1].2),
+            "batches of 10k",
+        );
+        anyhow::Ok(())
+    })
+}
