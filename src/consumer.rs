@@ -338,11 +338,13 @@ impl ConsumerHandle {
             .map(|(topic, partition, offset)| (TopicPartition::new(topic, partition), offset))
             .collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let closed = || Error::Internal("the consumer has stopped; nothing was committed".into());
         self.events
             .send(ToPoller::Commit { offsets, reply })
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?.map_err(Error::Commit)
+            .map_err(|_| Error::Stopped)?;
+        answer
+            .await
+            .map_err(|_| Error::Stopped)?
+            .map_err(Error::Commit)
     }
 
     /// Commits, for each partition of `messages`, the offset after the last

@@ -40,6 +40,9 @@ pub enum Error {
     /// The embedded broker could not be started or driven.
     #[error("embedded broker: {0}")]
     Broker(String),
+    /// The consumer has stopped, so it cannot do what was asked.
+    #[error("the consumer has stopped, so nothing was committed: commit from the handler, while `process` runs")]
+    Stopped,
     /// The consumer's poller thread ended without a result (it panicked).
     #[error(
         "the kafka-batch poller thread ended unexpectedly: {0}; this is a bug, please report it"
