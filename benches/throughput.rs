@@ -77,18 +77,16 @@ struct HistOut<'a> {
     refs: [(); 0],
 }
 
-/// CPU time (user + system) of this process so far.
+/// CPU time (user + system) of all this process's threads so far.
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name and state.
-    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    // The fields after the command name (in parentheses, may hold spaces),
+    // by position: some are negative (tpgid is -1 without a terminal), so
+    // they must not be filtered. utime and stime are fields 14 and 15 of the
+    // line, 12th and 13th after the name.
+    let after: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| after.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12)) * 10) // USER_HZ is 100 on Linux
 }
 
 #[derive(Clone, Copy)]
