@@ -84,8 +84,17 @@ fn cpu_time() -> Duration {
     // by position: some are negative (tpgid is -1 without a terminal), so
     // they must not be filtered. utime and stime are fields 14 and 15 of the
     // line, 12th and 13th after the name.
-    let after: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| after.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let after: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        after
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Duration::from_millis((ticks(11) + ticks(12)) * 10) // USER_HZ is 100 on Linux
 }
 
