@@ -6,25 +6,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kafka_batch::envelope::{format_dt, pack, unpack, Hist, Message, RawRecord, Ref};
-use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Serialize, Deserialize)]
-struct Event {
-    title: String,
-    category: String,
-    lat: f64,
-    lon: f64,
-    rank: u32,
-    labels: Vec<String>,
-}
-
-/// The baseline: the same bytes into the same payload type, history skipped.
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Plain<T> {
-    item: T,
-    hist: serde::de::IgnoredAny,
-}
+mod common;
+use common::{Event, PlainEnvelope};
 
 fn event(text_len: usize) -> Event {
     Event {
@@ -83,7 +67,7 @@ fn codec(c: &mut Criterion) {
             )
         });
         group.bench_function("serde_json baseline", |b| {
-            b.iter(|| serde_json::from_slice::<Plain<Event>>(&bytes).expect("parses"))
+            b.iter(|| serde_json::from_slice::<PlainEnvelope<Event>>(&bytes).expect("parses"))
         });
         group.finish();
     }

@@ -27,21 +27,15 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+mod common;
+use common::{Event, PlainEnvelope};
 
 const INPUT: &str = "bench-input";
 const BATCH: usize = 500;
 
 /// About 200 bytes once enveloped.
-#[derive(Clone, Serialize, Deserialize)]
-struct Event {
-    title: String,
-    category: String,
-    lat: f64,
-    lon: f64,
-    rank: u32,
-}
-
 fn event(i: usize) -> Message<Event> {
     Message::new(
         format!("evt-{i:08}"),
@@ -51,16 +45,9 @@ fn event(i: usize) -> Message<Event> {
             lat: (i % 18_000) as f64 / 100.0 - 90.0,
             lon: (i % 36_000) as f64 / 100.0 - 180.0,
             rank: (i % 100) as u32,
+            labels: Vec::new(),
         },
     )
-}
-
-/// What the raw consumer decodes: the same payload type, history skipped.
-#[derive(Deserialize)]
-struct Envelope<T> {
-    item: T,
-    #[allow(dead_code)]
-    hist: serde::de::IgnoredAny,
 }
 
 /// What the raw producer writes: the same envelope kafka-batch writes.
@@ -159,7 +146,7 @@ fn raw_consume(bootstrap: &str, group: &str, records: usize) -> anyhow::Result<u
             None => {}
             Some(Err(e)) => bail!("raw consumer: {e}"),
             Some(Ok(m)) => {
-                let envelope: Envelope<Event> =
+                let envelope: PlainEnvelope<Event> =
                     serde_json::from_slice(m.payload().unwrap_or_default())?;
                 black_box((m.key(), envelope.item));
                 count += 1;
