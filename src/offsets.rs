@@ -110,11 +110,6 @@ impl OffsetTracker {
         self.partitions.get(tp).map(|p| p.generation)
     }
 
-    /// The partitions currently assigned.
-    pub fn assigned(&self) -> impl Iterator<Item = &TopicPartition> {
-        self.partitions.keys()
-    }
-
     /// Records that offsets `first..end` of `tp` were handed out.
     ///
     /// Returns the generation they belong to, or `None` (and records nothing)
