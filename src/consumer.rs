@@ -15,9 +15,13 @@
 //! [`OffsetTracker`]: crate::offsets::OffsetTracker
 
 mod batch;
+mod forward;
+mod policy;
 mod poller;
 mod rebalance;
+mod runner;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,9 +29,8 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use serde::de::DeserializeOwned;
-use tracing::Instrument;
 
-use crate::envelope::Message;
+use crate::envelope::{DecodeErrorKind, Message};
 use crate::error::{BoxError, Error};
 use crate::metrics::ConsumerMetrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
@@ -131,6 +134,7 @@ impl Consumer {
             settings,
         } = self;
         let poller_shared = Arc::clone(&shared);
+        let runner_settings = settings.clone();
         let poller = std::thread::Builder::new()
             .name("kafka-batch-poller".into())
             // Deep (but allowed) histories are parsed recursively on this thread.
@@ -142,22 +146,20 @@ impl Consumer {
             .map_err(|e| Error::Internal(format!("cannot start the poller thread: {e}")))?;
 
         let mut failure = None;
-        while let Some(batch) = batches_rx.recv().await {
-            if shared.stopping.load(Ordering::Acquire) {
-                // Shutting down: only the batch in hand finishes; this one is
-                // left uncommitted for the next owner.
-                let _ = events.send(ToPoller::Abandoned { batch: batch.id });
-                continue;
-            }
-            let id = batch.id;
-            match run_handler(&mut handler, batch, &shared).await {
-                Ok(()) => {
-                    let _ = events.send(ToPoller::Finished { batch: id });
-                }
-                Err(e) => {
-                    let _ = events.send(ToPoller::Failed { batch: id });
-                    failure = Some(e);
-                    break;
+        match runner::Runner::new(&runner_settings, &shared, &events) {
+            Err(e) => failure = Some(e),
+            Ok(runner) => {
+                while let Some(batch) = batches_rx.recv().await {
+                    if shared.stopping.load(Ordering::Acquire) {
+                        // Shutting down: only the batch in hand finishes; this one is
+                        // left uncommitted for the next owner.
+                        let _ = events.send(ToPoller::Abandoned { batch: batch.id });
+                        continue;
+                    }
+                    if let Err(e) = runner.run(&mut handler, batch).await {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
         }
@@ -214,52 +216,15 @@ pub(crate) fn raw_record<M: rdkafka::Message>(m: &M) -> crate::envelope::RawReco
     }
 }
 
-/// Runs the handler on one batch inside a span naming the batch.
-async fn run_handler<T, F, E>(
-    handler: &mut F,
-    batch: Batch<T>,
-    shared: &Shared,
-) -> Result<(), Error>
-where
-    F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
-    E: Into<BoxError>,
-{
-    let batch_ref = batch.batch_ref().to_string();
-    let count = batch.messages.len();
-    let span = tracing::info_span!("kafka_batch", batch = %batch_ref, messages = count);
-    let started = Instant::now();
-    let result = handler(batch.messages).instrument(span.clone()).await;
-    let metrics = &shared.metrics;
-    metrics
-        .process_seconds
-        .record(started.elapsed().as_secs_f64());
-    match result {
-        Ok(()) => {
-            metrics.process_count.increment(count as u64);
-            metrics.batches_ok.increment(1);
-            metrics.batch_messages.record(count as f64);
-            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-            shared
-                .stats
-                .messages
-                .fetch_add(count as u64, Ordering::Relaxed);
-            span.in_scope(|| {
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "batch handled"
-                )
-            });
-            Ok(())
-        }
-        Err(e) => {
-            metrics.batches_failed.increment(1);
-            let source: BoxError = e.into();
-            span.in_scope(|| tracing::error!(error = %source, "the handler failed; the batch is not committed"));
-            Err(Error::Handler {
-                batch: batch_ref,
-                source,
-            })
-        }
+/// The metric label of a failure: `handler`, or the decode error's kind.
+pub(crate) fn failure_reason(kind: Option<&DecodeErrorKind>) -> &'static str {
+    match kind {
+        None => "handler",
+        Some(DecodeErrorKind::NullKey) => "null_key",
+        Some(DecodeErrorKind::KeyNotUtf8) => "key_not_utf8",
+        Some(DecodeErrorKind::NotJson(_)) => "not_json",
+        Some(DecodeErrorKind::NotEnvelope(_)) => "not_envelope",
+        Some(DecodeErrorKind::Payload(_)) => "payload_type",
     }
 }
 
@@ -445,6 +410,14 @@ pub struct ConsumerStats {
     pub skipped: u64,
     /// Records that could not be decoded.
     pub decode_errors: u64,
+    /// Failed records delivered again in place (policy `retry`).
+    pub retries: u64,
+    /// Failed records written to the retry topic (policy `retry_topic`).
+    pub retry_topic: u64,
+    /// Records written to the dead-letter topic (policy `dead_letter`).
+    pub dead_lettered: u64,
+    /// Failed or undecodable records skipped (policy `skip`).
+    pub failed_skipped: u64,
 }
 
 #[derive(Default)]
@@ -458,6 +431,10 @@ struct StatsCounters {
     pauses: AtomicU64,
     skipped: AtomicU64,
     decode_errors: AtomicU64,
+    retries: AtomicU64,
+    retry_topic: AtomicU64,
+    dead_lettered: AtomicU64,
+    failed_skipped: AtomicU64,
 }
 
 impl StatsCounters {
@@ -473,6 +450,10 @@ impl StatsCounters {
             pauses: get(&self.pauses),
             skipped: get(&self.skipped),
             decode_errors: get(&self.decode_errors),
+            retries: get(&self.retries),
+            retry_topic: get(&self.retry_topic),
+            dead_lettered: get(&self.dead_lettered),
+            failed_skipped: get(&self.failed_skipped),
         }
     }
 }
@@ -501,6 +482,9 @@ impl Shared {
                 in_flight: Vec::new(),
                 paused: false,
                 handler_failed: false,
+                seeks: Vec::new(),
+                backoff: HashMap::new(),
+                redeliveries: Vec::new(),
             }),
             stopping: AtomicBool::new(false),
             rebalance_epoch: AtomicU64::new(0),
@@ -529,20 +513,60 @@ struct PollerState {
     in_flight: Vec<InFlight>,
     paused: bool,
     handler_failed: bool,
+    /// Partitions to pause and seek back for a retry (on the poller thread).
+    seeks: Vec<PendingSeek>,
+    /// Partitions paused until a retry is due.
+    backoff: HashMap<TopicPartition, Instant>,
+    /// Partitions to be read again after a rewind, for the poller to take.
+    redeliveries: Vec<(TopicPartition, Redelivery)>,
 }
 
 /// A batch handed to the runner: which ranges it holds.
 struct InFlight {
     id: u64,
-    ranges: Vec<(TopicPartition, crate::offsets::Generation, i64)>,
+    /// Topic-partition, generation, first offset, end.
+    ranges: Vec<(TopicPartition, crate::offsets::Generation, i64, i64)>,
+}
+
+/// A partition to pause, seek back to `offset`, and resume at `due`.
+struct PendingSeek {
+    tp: TopicPartition,
+    generation: crate::offsets::Generation,
+    offset: i64,
+    due: Instant,
+}
+
+/// How to treat the records of a rewound partition as they are read again:
+/// those in `states` are handed over again with that standing in the failure
+/// chain; the others before `until` were dealt with and are not.
+struct Redelivery {
+    generation: crate::offsets::Generation,
+    until: i64,
+    states: BTreeMap<i64, policy::ChainState>,
+}
+
+/// A partition of a batch whose records from `at` on were not dealt with.
+struct Rewind {
+    tp: TopicPartition,
+    at: i64,
+    /// For a retry in place: the wait, and the standing of each retried record.
+    retry: Option<(Duration, BTreeMap<i64, policy::ChainState>)>,
 }
 
 enum ToPoller {
     Finished {
         batch: u64,
     },
+    /// Some records are retried in place: rewind their partitions, then `ack`.
+    Retried {
+        batch: u64,
+        rewinds: Vec<Rewind>,
+        ack: tokio::sync::oneshot::Sender<()>,
+    },
+    /// The consumer stops; only records before each rewind may be committed.
     Failed {
         batch: u64,
+        rewinds: Vec<Rewind>,
     },
     Abandoned {
         batch: u64,
@@ -579,17 +603,17 @@ impl PollerState {
 
     fn apply(&mut self, event: ToPoller, consumer: &BaseConsumer<PollerContext>, shared: &Shared) {
         match event {
-            ToPoller::Finished { batch } => {
-                if let Some(done) = self.take_in_flight(batch) {
-                    for (tp, generation, first) in &done.ranges {
-                        if !self.tracker.finished(tp, *generation, *first) {
-                            tracing::debug!(partition = %tp, "result for a partition no longer owned dropped");
-                        }
-                    }
-                }
+            ToPoller::Finished { batch } => self.settle(batch, &[], shared),
+            ToPoller::Retried {
+                batch,
+                rewinds,
+                ack,
+            } => {
+                self.settle(batch, &rewinds, shared);
+                let _ = ack.send(());
             }
-            ToPoller::Failed { batch } => {
-                self.take_in_flight(batch);
+            ToPoller::Failed { batch, rewinds } => {
+                self.settle(batch, &rewinds, shared);
                 self.handler_failed = true;
             }
             ToPoller::Abandoned { batch } => {
@@ -606,6 +630,49 @@ impl PollerState {
                     }
                 }));
             }
+        }
+    }
+
+    /// Applies a batch's outcome to the tracker: each partition finished,
+    /// or finished up to its rewind (and, for a retry, scheduled to be read
+    /// again from there).
+    fn settle(&mut self, batch: u64, rewinds: &[Rewind], shared: &Shared) {
+        let Some(done) = self.take_in_flight(batch) else {
+            return;
+        };
+        let mut rewound = false;
+        for (tp, generation, first, end) in &done.ranges {
+            let Some(rewind) = rewinds.iter().find(|r| r.tp == *tp) else {
+                if !self.tracker.finished(tp, *generation, *first) {
+                    tracing::debug!(partition = %tp, "result for a partition no longer owned dropped");
+                }
+                continue;
+            };
+            let at = rewind.at.clamp(*first, *end);
+            let Some(new_generation) = self.tracker.rewind(tp, *generation, *first, at) else {
+                continue;
+            };
+            rewound = true;
+            if let Some((wait, states)) = &rewind.retry {
+                self.seeks.push(PendingSeek {
+                    tp: tp.clone(),
+                    generation: new_generation,
+                    offset: at,
+                    due: Instant::now() + *wait,
+                });
+                self.redeliveries.push((
+                    tp.clone(),
+                    Redelivery {
+                        generation: new_generation,
+                        until: *end,
+                        states: states.clone(),
+                    },
+                ));
+            }
+        }
+        if rewound {
+            // The poller drops what it buffered of the rewound partitions.
+            shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 

@@ -34,6 +34,10 @@ pub enum Error {
     /// Committing offsets failed even after retries.
     #[error("committing offsets failed: {0}; records after the last successful commit will be read again by the next consumer")]
     Commit(KafkaError),
+    /// A failed record could not be written to the retry or dead-letter
+    /// topic, so the consumer stopped without committing past it.
+    #[error(transparent)]
+    FailureTopic(Box<crate::failure::FailureTopicError>),
     /// Producing records failed.
     #[error(transparent)]
     Produce(#[from] ProduceError),

@@ -43,14 +43,17 @@
 pub mod consumer;
 pub mod envelope;
 mod error;
+pub mod failure;
 pub mod metrics;
 pub mod offsets;
 pub mod producer;
+pub mod replay;
 pub mod settings;
 pub mod testing;
 
 pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
 pub use envelope::{BatchRef, DecodeError, Hist, Message, Ref};
 pub use error::{BoxError, Error};
+pub use failure::Failures;
 pub use producer::{Delivery, ProduceError, Producer};
 pub use settings::{ConsumerSettings, ProducerSettings, Settings, SettingsError};

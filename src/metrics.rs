@@ -7,8 +7,14 @@
 //! | `<service>_kafka_process_count` | counter | | messages handed to the handler and handled `Ok` (the Python wrapper's counter) |
 //! | `kafka_batch_batches_total` | counter | `service`, `outcome` = `ok` / `error` | batches handled |
 //! | `kafka_batch_batch_messages` | histogram | `service` | messages per batch |
-//! | `kafka_batch_decode_errors_total` | counter | `service`, `topic` | records that could not be decoded |
-//! | `kafka_batch_skipped_records_total` | counter | `service`, `reason` = `tombstone` / `unsubscribed_topic` | records never handed to the handler |
+//! | `kafka_batch_decode_errors_total` | counter | `service`, `topic`, `reason` | records that could not be decoded |
+//! | `kafka_batch_skipped_records_total` | counter | `service`, `reason` = `tombstone` / `unsubscribed_topic`, or a failure reason for the `skip` policy | records never handed to the handler, or failed and skipped |
+//! | `kafka_batch_retries_total` | counter | `service`, `kind` = `in_place` / `topic`, `reason` | failed records sent to be retried |
+//! | `kafka_batch_dead_letters_total` | counter | `service`, `reason` | records written to the dead-letter topic |
+//!
+//! A failure `reason` is `handler` (the handler failed the message), or the
+//! decode error's kind: `null_key`, `key_not_utf8`, `not_json`,
+//! `not_envelope`, `payload_type`.
 //! | `kafka_batch_commits_total` | counter | `service` | successful offset commits |
 //! | `kafka_batch_commit_failures_total` | counter | `service` | failed offset commits (retried) |
 //! | `kafka_batch_rebalances_total` | counter | `service`, `kind` = `assign` / `revoke` / `error` | group rebalances seen |
@@ -74,8 +80,31 @@ impl ConsumerMetrics {
         }
     }
 
-    pub fn decode_error(&self, topic: &str) {
-        counter!("kafka_batch_decode_errors_total", "service" => self.service.clone(), "topic" => topic.to_owned())
+    pub fn decode_error(&self, error: &crate::envelope::DecodeError) {
+        counter!(
+            "kafka_batch_decode_errors_total",
+            "service" => self.service.clone(),
+            "topic" => error.topic.clone(),
+            "reason" => crate::consumer::failure_reason(Some(&error.kind)),
+        )
+        .increment(1);
+    }
+
+    /// A failed record skipped by the `skip` policy.
+    pub fn skipped_failed(&self, reason: &'static str) {
+        counter!("kafka_batch_skipped_records_total", "service" => self.service.clone(), "reason" => reason)
+            .increment(1);
+    }
+
+    /// A failed record sent to be retried, `in_place` or through the `topic`.
+    pub fn retried(&self, kind: &'static str, reason: &'static str) {
+        counter!("kafka_batch_retries_total", "service" => self.service.clone(), "kind" => kind, "reason" => reason)
+            .increment(1);
+    }
+
+    /// A record written to the dead-letter topic.
+    pub fn dead_lettered(&self, reason: &'static str) {
+        counter!("kafka_batch_dead_letters_total", "service" => self.service.clone(), "reason" => reason)
             .increment(1);
     }
 }

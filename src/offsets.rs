@@ -48,6 +48,7 @@ struct HandedOut {
     first: i64,
     end: i64,
     finished: bool,
+    generation: Generation,
 }
 
 #[derive(Debug)]
@@ -58,6 +59,17 @@ struct PartitionOffsets {
     watermark: Option<i64>,
     /// The last offset committed for this generation.
     committed: Option<i64>,
+}
+
+impl PartitionOffsets {
+    /// Moves the watermark over the finished ranges at the front.
+    fn advance(&mut self) {
+        while self.handed_out.front().is_some_and(|r| r.finished) {
+            if let Some(done) = self.handed_out.pop_front() {
+                self.watermark = Some(done.end);
+            }
+        }
+    }
 }
 
 /// Per-partition record of handed-out and finished offsets.
@@ -120,6 +132,7 @@ impl OffsetTracker {
             first,
             end,
             finished: false,
+            generation: p.generation,
         });
         Some(p.generation)
     }
@@ -131,19 +144,62 @@ impl OffsetTracker {
         let Some(p) = self.partitions.get_mut(tp) else {
             return false;
         };
-        if p.generation != generation {
-            return false;
-        }
-        let Some(range) = p.handed_out.iter_mut().find(|r| r.first == first) else {
+        let Some(range) = p
+            .handed_out
+            .iter_mut()
+            .find(|r| r.first == first && r.generation == generation)
+        else {
             return false;
         };
         range.finished = true;
-        while p.handed_out.front().is_some_and(|r| r.finished) {
-            if let Some(done) = p.handed_out.pop_front() {
-                p.watermark = Some(done.end);
-            }
-        }
+        p.advance();
         true
+    }
+
+    /// True while the range of `tp` starting at `first`, handed out in
+    /// `generation`, still counts: its result would be applied.
+    pub fn holds(&self, tp: &TopicPartition, generation: Generation, first: i64) -> bool {
+        self.partitions.get(tp).is_some_and(|p| {
+            p.handed_out
+                .iter()
+                .any(|r| r.first == first && r.generation == generation)
+        })
+    }
+
+    /// The range of `tp` starting at `first` (handed out in `generation`)
+    /// was dealt with only before `upto`: its records from `upto` on, and
+    /// every range handed out after it, will be read again.
+    ///
+    /// Marks `first..upto` finished, forgets the rest, and gives the
+    /// partition a new generation, so results for the forgotten ranges are
+    /// dropped. The caller must seek the partition back to `upto` before
+    /// handing out more of it. Returns the new generation, or `None` when the
+    /// range is not held (a stale result: nothing changes).
+    pub fn rewind(
+        &mut self,
+        tp: &TopicPartition,
+        generation: Generation,
+        first: i64,
+        upto: i64,
+    ) -> Option<Generation> {
+        let p = self.partitions.get_mut(tp)?;
+        let index = p
+            .handed_out
+            .iter()
+            .position(|r| r.first == first && r.generation == generation)?;
+        p.handed_out.truncate(index);
+        if upto > first {
+            p.handed_out.push_back(HandedOut {
+                first,
+                end: upto,
+                finished: true,
+                generation,
+            });
+        }
+        p.advance();
+        self.next_generation += 1;
+        p.generation = self.next_generation;
+        Some(p.generation)
     }
 
     /// True when some range of `tp` was handed out and is not finished.
@@ -229,6 +285,41 @@ mod tests {
         assert_eq!(t.committable(), vec![]);
         assert!(t.finished(&tp(1), new, 0));
         assert_eq!(t.committable(), vec![(tp(1), 10)]);
+    }
+
+    #[test]
+    fn a_rewind_keeps_the_handled_prefix_and_drops_later_results() {
+        let mut t = OffsetTracker::default();
+        let g = t.assign(tp(0));
+        t.handed_out(&tp(0), 0, 10);
+        t.handed_out(&tp(0), 10, 20);
+        // The first batch failed at offset 4: 0..4 were handled.
+        let g2 = t.rewind(&tp(0), g, 0, 4).expect("the range is held");
+        assert_ne!(g, g2);
+        assert_eq!(t.committable(), vec![(tp(0), 4)]);
+        assert!(!t.holds(&tp(0), g, 10), "the later batch is forgotten");
+        assert!(!t.finished(&tp(0), g, 10), "its result is dropped");
+        assert_eq!(t.generation(&tp(0)), Some(g2));
+        assert_eq!(
+            t.rewind(&tp(0), g, 0, 4),
+            None,
+            "a stale rewind changes nothing"
+        );
+        // Read again from 4.
+        t.handed_out(&tp(0), 4, 12);
+        assert!(t.holds(&tp(0), g2, 4));
+        assert!(t.finished(&tp(0), g2, 4));
+        assert_eq!(t.watermark(&tp(0)), Some(12));
+    }
+
+    #[test]
+    fn a_rewind_at_the_first_record_commits_nothing_new() {
+        let mut t = OffsetTracker::default();
+        let g = t.assign(tp(0));
+        t.handed_out(&tp(0), 5, 10);
+        t.rewind(&tp(0), g, 5, 5);
+        assert_eq!(t.committable(), vec![]);
+        assert!(!t.has_unfinished(&tp(0)));
     }
 
     proptest! {

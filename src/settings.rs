@@ -39,6 +39,12 @@ use figment::Figment;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+mod failure;
+
+pub use failure::{
+    Backoff, DeadLetterSettings, FailurePolicy, FailureSettings, RetrySettings, RetryTopicSettings,
+};
+
 /// The service name used when none is set.
 pub const DEFAULT_SERVICE: &str = "kafka-batch";
 /// The environment variable prefix for every setting.
@@ -168,6 +174,8 @@ pub struct ConsumerSettings {
     /// partitions before giving them up (their records will be read again by
     /// the next owner).
     pub revoke_timeout_ms: u64,
+    /// What happens to failed messages and undecodable records.
+    pub failure: FailureSettings,
     /// librdkafka properties for the consumer, over the top-level `kafka`.
     pub kafka: KafkaProperties,
     /// Name of this service (filled from the top-level `service`).
@@ -188,6 +196,7 @@ impl Default for ConsumerSettings {
             latest_only: false,
             commit: true,
             revoke_timeout_ms: 30_000,
+            failure: FailureSettings::default(),
             kafka: KafkaProperties::default(),
             service: DEFAULT_SERVICE.into(),
         }
@@ -387,6 +396,32 @@ impl ConsumerSettings {
         }
     }
 
+    /// The topics the consumer subscribes to: `topics`, and the retry topic
+    /// when the failure chain has `retry_topic`.
+    pub fn subscription(&self) -> Vec<String> {
+        let mut topics = self.topics.clone();
+        if self.failure.has(FailurePolicy::RetryTopic) {
+            topics.push(self.failure.retry_topic.topic.clone());
+        }
+        topics
+    }
+
+    /// The librdkafka configuration of the producer that writes failed
+    /// records to the retry and dead-letter topics: kafka-batch's producer
+    /// defaults, the consumer's `kafka` tables, then `failure.kafka`.
+    pub fn failure_producer_config(&self) -> Result<rdkafka::ClientConfig, SettingsError> {
+        self.validate()?;
+        let mut config = rdkafka::ClientConfig::new();
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        for (k, v) in self.kafka.overlaid_by(&self.failure.kafka).iter() {
+            config.set(k, v);
+        }
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        Ok(config)
+    }
+
     /// The batch timeout as a duration.
     pub fn batch_timeout(&self) -> Duration {
         Duration::from_millis(self.batch_timeout_ms)
@@ -427,6 +462,7 @@ impl ConsumerSettings {
                 ));
             }
         }
+        self.failure.check(&self.topics)?;
         self.kafka.check_reserved("consumer.kafka")
     }
 

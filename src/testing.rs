@@ -225,6 +225,33 @@ impl EmbeddedBroker {
         Ok(())
     }
 
+    /// Produces one raw record with headers given as raw (name, value)
+    /// bytes, any bytes, for tests of bad input. Blocking; waits for delivery.
+    pub fn produce_with_headers(
+        &self,
+        topic: &str,
+        record: RawProduce<'_>,
+        headers: &[(&[u8], Option<&[u8]>)],
+    ) -> Result<(), Error> {
+        let producer: BaseProducer = self.client_config().create()?;
+        let raw: Vec<crate::failure::record::RawHeader> = headers
+            .iter()
+            .map(|(k, v)| crate::failure::record::RawHeader {
+                key: k.to_vec(),
+                value: v.map(<[u8]>::to_vec),
+            })
+            .collect();
+        let (partition, key, value) = record;
+        let mut out: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            .partition(partition)
+            .headers(crate::failure::record::owned_headers(&raw, false, &[]));
+        out.key = key;
+        out.payload = value;
+        producer.send(out).map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(30))?;
+        Ok(())
+    }
+
     fn client_config(&self) -> ClientConfig {
         client_config(&self.bootstrap)
     }

@@ -1,14 +1,18 @@
 //! Cutting batches: up to `batch_size` messages, `max_batch_bytes` bytes, or
 //! whatever arrived when `batch_timeout_ms` passed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::message::BorrowedMessage;
 use serde::de::DeserializeOwned;
 
+use super::policy::{Action, Chain, ChainState};
 use super::Shared;
 use crate::envelope::{
     latest_only, unpack, BatchRef, DecodeError, Message, PartitionRange, RawRecord,
 };
+use crate::failure::record::KeptRecord;
 use crate::offsets::{Generation, OffsetTracker, TopicPartition};
 use crate::settings::ConsumerSettings;
 
@@ -19,6 +23,46 @@ pub(crate) struct Batch<T> {
     pub id: u64,
     pub messages: Vec<Message<T>>,
     pub ranges: Vec<BatchRange>,
+    /// With a failure chain other than `fail`: what the failure policies
+    /// need of each message, in the order of `messages`.
+    pub kept: Vec<Kept>,
+    /// Undecodable records bound for the dead-letter topic.
+    pub rejected: Vec<Rejected>,
+}
+
+/// What the failure policies need of one message once the handler has it.
+pub(crate) struct Kept {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub id: String,
+    pub state: ChainState,
+    /// The record as read, when the chain may write it to another topic.
+    pub raw: Option<KeptRecord>,
+}
+
+/// An undecodable record whose policy is `dead_letter`.
+pub(crate) struct Rejected {
+    pub error: DecodeError,
+    pub raw: Option<KeptRecord>,
+}
+
+/// How a polled record enters the batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Seen {
+    /// To be handed to the handler; its standing in the failure chain.
+    New(ChainState),
+    /// Read again after a rewind, but it was handled (or dealt with by a
+    /// policy) before: its offset counts, the handler does not see it again.
+    AlreadyHandled,
+}
+
+/// What the policies do with an undecodable record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnBadRecord {
+    Fail,
+    Skip,
+    DeadLetter,
 }
 
 /// One partition's offsets in a batch, read during one assignment generation.
@@ -37,7 +81,15 @@ impl<T> Batch<T> {
             id,
             messages: Vec::new(),
             ranges: Vec::new(),
+            kept: Vec::new(),
+            rejected: Vec::new(),
         }
+    }
+
+    /// True when the runner has something to do: messages for the handler,
+    /// or records for the dead-letter topic.
+    pub fn has_work(&self) -> bool {
+        !self.messages.is_empty() || !self.rejected.is_empty()
     }
 
     fn records(&self) -> usize {
@@ -58,21 +110,43 @@ impl<T> Batch<T> {
     /// Drops the records of partitions reassigned or revoked since they were
     /// read (the next owner reads them again). Returns whether any record is left.
     pub fn drop_stale(&mut self, tracker: &OffsetTracker) -> bool {
-        let stale = |r: &BatchRange| tracker.generation(&r.tp) != Some(r.generation);
-        if self.ranges.iter().any(stale) {
-            let (kept, dropped): (Vec<BatchRange>, Vec<BatchRange>) =
-                std::mem::take(&mut self.ranges)
-                    .into_iter()
-                    .partition(|r| !stale(r));
-            self.ranges = kept;
-            self.messages.retain(|m| {
-                m.origin().is_none_or(|o| {
-                    !dropped
-                        .iter()
-                        .any(|r| r.tp.partition == o.partition && r.tp.topic == o.topic)
-                })
-            });
+        self.retain_ranges(|r| tracker.generation(&r.tp) == Some(r.generation))
+    }
+
+    /// Like [`Batch::drop_stale`], for a batch already handed out: drops the
+    /// ranges the tracker no longer holds (revoked, or rewound for a retry),
+    /// so the handler never sees records that will be read again.
+    pub fn drop_released(&mut self, tracker: &OffsetTracker) -> bool {
+        self.retain_ranges(|r| tracker.holds(&r.tp, r.generation, r.first))
+    }
+
+    fn retain_ranges(&mut self, keep: impl Fn(&BatchRange) -> bool) -> bool {
+        if self.ranges.iter().all(&keep) {
+            return !self.ranges.is_empty();
         }
+        let (kept, dropped): (Vec<BatchRange>, Vec<BatchRange>) =
+            std::mem::take(&mut self.ranges).into_iter().partition(keep);
+        self.ranges = kept;
+        let gone = |topic: &str, partition: i32| {
+            dropped
+                .iter()
+                .any(|r| r.tp.partition == partition && &*r.tp.topic == topic)
+        };
+        if self.kept.is_empty() {
+            self.messages
+                .retain(|m| m.origin().is_none_or(|o| !gone(&o.topic, o.partition)));
+        } else {
+            // `kept` runs in step with `messages`: filter both by it.
+            let (messages, kept): (Vec<Message<T>>, Vec<Kept>) = std::mem::take(&mut self.messages)
+                .into_iter()
+                .zip(std::mem::take(&mut self.kept))
+                .filter(|(_, k)| !gone(&k.topic, k.partition))
+                .unzip();
+            self.messages = messages;
+            self.kept = kept;
+        }
+        self.rejected
+            .retain(|r| !gone(&r.error.topic, r.error.partition));
         !self.ranges.is_empty()
     }
 }
@@ -106,6 +180,11 @@ pub(crate) struct BatchBuilder<T> {
     timeout: Duration,
     latest_only: bool,
     subscription: Subscription,
+    on_bad_record: OnBadRecord,
+    /// Keep what the failure policies need of each message.
+    keep_state: bool,
+    /// ...including a copy of the record as read.
+    keep_records: bool,
 }
 
 impl<T: DeserializeOwned> BatchBuilder<T> {
@@ -120,10 +199,27 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             timeout: settings.batch_timeout(),
             latest_only: settings.latest_only,
             subscription: Subscription {
-                topics: settings.topics.clone(),
+                topics: settings.subscription(),
                 any: settings.topics.iter().any(|t| t.starts_with('^')),
             },
+            on_bad_record: OnBadRecord::Fail,
+            keep_state: false,
+            keep_records: false,
         }
+    }
+
+    /// Follows the failure chain: what happens to undecodable records, and
+    /// what is kept of each message for the policies.
+    pub fn with_chain(mut self, chain: &Chain) -> Self {
+        // Undecodable records skip the retry steps, so the state is moot.
+        self.on_bad_record = match chain.decide(ChainState::default(), false, 0.0) {
+            Action::Skip => OnBadRecord::Skip,
+            Action::DeadLetter => OnBadRecord::DeadLetter,
+            _ => OnBadRecord::Fail,
+        };
+        self.keep_state = !chain.is_fail_only();
+        self.keep_records = chain.keeps_records();
+        self
     }
 
     /// Cuts the batch being built when `record` would take it past
@@ -138,9 +234,17 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
     /// record of a partition not assigned (a race with a revoke) is dropped
     /// unread, to be read again by the owner. A record that cannot be decoded
     /// adds nothing.
+    ///
+    /// `seen` says whether the handler gets it; `source` is the record as
+    /// librdkafka returned it, copied when the failure chain may write it to
+    /// another topic. An undecodable record goes to the failure chain: with
+    /// `skip` its offset counts as dealt with, with `dead_letter` it joins the
+    /// batch for the runner to write, with `fail` the error is returned.
     pub fn push(
         &mut self,
         record: RawRecord<'_>,
+        seen: Seen,
+        source: Option<&BorrowedMessage<'_>>,
         generation: impl FnOnce(&TopicPartition) -> Option<Generation>,
         shared: &Shared,
     ) -> Result<(), DecodeError> {
@@ -173,20 +277,71 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             }
         };
         let range = &mut self.batch.ranges[index];
+        let state = match seen {
+            Seen::New(state) => state,
+            Seen::AlreadyHandled => {
+                range.first = range.first.min(record.offset);
+                range.end = range.end.max(record.offset + 1);
+                range.records += 1;
+                return Ok(());
+            }
+        };
         let decoded = if range.subscribed {
             unpack::<T>(record, &range.tp.topic)
         } else {
             shared.metrics.skipped_unsubscribed.increment(1);
             Ok(None)
         };
+        let copy = |topic: &Arc<str>| {
+            if self.keep_records {
+                source.map(|m| KeptRecord::copy(m, topic))
+            } else {
+                None
+            }
+        };
         match decoded {
-            Err(e) => {
-                if range.records == 0 {
-                    self.batch.ranges.swap_remove(index);
+            Err(error) => {
+                shared
+                    .stats
+                    .decode_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.metrics.decode_error(&error);
+                match self.on_bad_record {
+                    OnBadRecord::Fail => {
+                        if range.records == 0 {
+                            self.batch.ranges.swap_remove(index);
+                        }
+                        return Err(error);
+                    }
+                    OnBadRecord::Skip => {
+                        tracing::warn!(error = %error, "undecodable record skipped (failure policy `skip`)");
+                        shared
+                            .metrics
+                            .skipped_failed(super::failure_reason(Some(&error.kind)));
+                        shared
+                            .stats
+                            .failed_skipped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    OnBadRecord::DeadLetter => {
+                        let raw = copy(&range.tp.topic);
+                        self.batch.rejected.push(Rejected { error, raw });
+                        self.bytes += size;
+                    }
                 }
-                return Err(e);
             }
             Ok(Some(message)) => {
+                if self.keep_state {
+                    let raw = copy(&range.tp.topic);
+                    self.batch.kept.push(Kept {
+                        topic: Arc::clone(&range.tp.topic),
+                        partition: record.partition,
+                        offset: record.offset,
+                        id: message.id.clone(),
+                        state,
+                        raw,
+                    });
+                }
                 self.batch.messages.push(message);
                 self.bytes += size;
             }
@@ -246,7 +401,16 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         self.bytes = 0;
         self.window_start = now;
         if self.latest_only {
-            batch.messages = latest_only(std::mem::take(&mut batch.messages));
+            if batch.kept.is_empty() {
+                batch.messages = latest_only(std::mem::take(&mut batch.messages));
+            } else {
+                let (messages, kept) = latest_only_with(
+                    std::mem::take(&mut batch.messages),
+                    std::mem::take(&mut batch.kept),
+                );
+                batch.messages = messages;
+                batch.kept = kept;
+            }
         }
         batch
     }
@@ -255,6 +419,21 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
     pub fn drop_stale(&mut self, tracker: &OffsetTracker) {
         self.batch.drop_stale(tracker);
     }
+}
+
+/// [`latest_only`] over messages and what is kept of each, in step.
+fn latest_only_with<T>(messages: Vec<Message<T>>, kept: Vec<Kept>) -> (Vec<Message<T>>, Vec<Kept>) {
+    let mut seen = std::collections::HashSet::with_capacity(messages.len());
+    let mut keep = vec![false; messages.len()];
+    for (i, m) in messages.iter().enumerate().rev() {
+        keep[i] = seen.insert(m.id.as_str());
+    }
+    messages
+        .into_iter()
+        .zip(kept)
+        .zip(keep)
+        .filter_map(|(pair, k)| k.then_some(pair))
+        .unzip()
 }
 
 #[cfg(test)]
@@ -270,6 +449,10 @@ mod tests {
             key: Some(b"k"),
             value,
         }
+    }
+
+    fn new() -> Seen {
+        Seen::New(ChainState::default())
     }
 
     fn builder(topics: &[&str]) -> BatchBuilder<Value> {
@@ -289,8 +472,14 @@ mod tests {
             ("stranger", 4),
             ("events", 11),
         ] {
-            b.push(record(topic, offset, Some(envelope)), |_| Some(1), &shared)
-                .unwrap();
+            b.push(
+                record(topic, offset, Some(envelope)),
+                new(),
+                None,
+                |_| Some(1),
+                &shared,
+            )
+            .unwrap();
         }
         assert!(
             b.should_cut(Instant::now()),
@@ -335,6 +524,8 @@ mod tests {
         let mut b = builder(&["events"]);
         b.push(
             record("events", 1, Some(br#"{"item": 1}"#)),
+            new(),
+            None,
             |_| None,
             &shared,
         )
@@ -350,10 +541,114 @@ mod tests {
         let shared = Shared::for_tests();
         let mut b = builder(&["events"]);
         let err = b
-            .push(record("events", 7, Some(b"garbage")), |_| Some(1), &shared)
+            .push(
+                record("events", 7, Some(b"garbage")),
+                new(),
+                None,
+                |_| Some(1),
+                &shared,
+            )
             .unwrap_err();
         assert_eq!((err.topic.as_str(), err.offset), ("events", 7));
         assert!(!b.should_cut(Instant::now() + Duration::from_secs(60)));
+    }
+
+    fn chain(policies: &[crate::settings::FailurePolicy]) -> Chain {
+        let mut failure = crate::settings::FailureSettings {
+            policies: policies.to_vec(),
+            ..Default::default()
+        };
+        failure.dead_letter.topic = "dead".into();
+        Chain::new(&failure)
+    }
+
+    #[test]
+    fn an_undecodable_record_follows_the_chain() {
+        use crate::settings::FailurePolicy::*;
+        let shared = Shared::for_tests();
+        let garbage = record("events", 7, Some(b"garbage"));
+
+        let mut skipping = builder(&["events"]).with_chain(&chain(&[Retry, Skip]));
+        skipping
+            .push(garbage, new(), None, |_| Some(1), &shared)
+            .unwrap();
+        let batch = skipping.cut(Instant::now());
+        assert!(
+            !batch.has_work(),
+            "nothing for the handler or the dead-letter topic"
+        );
+        assert_eq!(
+            batch.batch_ref().to_string(),
+            "events[0=7:8]",
+            "its offset counts"
+        );
+
+        let mut dead = builder(&["events"]).with_chain(&chain(&[Retry, DeadLetter]));
+        dead.push(garbage, new(), None, |_| Some(1), &shared)
+            .unwrap();
+        let batch = dead.cut(Instant::now());
+        assert!(batch.has_work() && batch.messages.is_empty());
+        assert_eq!(batch.rejected.len(), 1);
+        assert_eq!(batch.rejected[0].error.offset, 7);
+    }
+
+    #[test]
+    fn a_record_handled_before_a_rewind_counts_but_is_not_handed_over() {
+        let shared = Shared::for_tests();
+        let mut b =
+            builder(&["events"]).with_chain(&chain(&[crate::settings::FailurePolicy::Retry]));
+        let envelope = br#"{"item": 1}"#;
+        b.push(
+            record("events", 3, Some(envelope)),
+            Seen::AlreadyHandled,
+            None,
+            |_| Some(1),
+            &shared,
+        )
+        .unwrap();
+        let retried = ChainState {
+            step: 0,
+            used: 1,
+            attempts: 1,
+        };
+        b.push(
+            record("events", 4, Some(envelope)),
+            Seen::New(retried),
+            None,
+            |_| Some(1),
+            &shared,
+        )
+        .unwrap();
+        let batch = b.cut(Instant::now());
+        assert_eq!(batch.messages.len(), 1);
+        assert_eq!(batch.kept[0].offset, 4);
+        assert_eq!(batch.kept[0].state, retried);
+        assert_eq!(batch.batch_ref().to_string(), "events[0=3:5]");
+    }
+
+    #[test]
+    fn latest_only_keeps_what_the_policies_need_in_step() {
+        let shared = Shared::for_tests();
+        let mut settings = ConsumerSettings::new("b:9092", "g", &["events"]);
+        settings.latest_only = true;
+        let mut b: BatchBuilder<Value> = BatchBuilder::new(&settings)
+            .with_chain(&chain(&[crate::settings::FailurePolicy::Skip]));
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "a")] {
+            let r = RawRecord {
+                key: Some(key.as_bytes()),
+                ..record("events", offset, Some(br#"{"item": 1}"#))
+            };
+            b.push(r, new(), None, |_| Some(1), &shared).unwrap();
+        }
+        let batch = b.cut(Instant::now());
+        let ids: Vec<&str> = batch.messages.iter().map(|m| m.id.as_str()).collect();
+        let kept: Vec<(&str, i64)> = batch
+            .kept
+            .iter()
+            .map(|k| (k.id.as_str(), k.offset))
+            .collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert_eq!(kept, [("b", 1), ("a", 2)]);
     }
 
     #[test]
@@ -364,12 +659,12 @@ mod tests {
         let mut b: BatchBuilder<Value> = BatchBuilder::new(&settings);
         let good = record("events", 1, Some(br#"{"item": "twenty bytes"}"#));
         assert!(b.make_room(&good, Instant::now()).is_none());
-        b.push(good, |_| Some(1), &shared).unwrap();
+        b.push(good, new(), None, |_| Some(1), &shared).unwrap();
         let bad = record("events", 2, Some(b"garbage, and over the limit"));
         let full = b
             .make_room(&bad, Instant::now())
             .expect("the batch is cut before the bad record");
         assert_eq!(full.messages.len(), 1);
-        assert!(b.push(bad, |_| Some(1), &shared).is_err());
+        assert!(b.push(bad, new(), None, |_| Some(1), &shared).is_err());
     }
 }

@@ -13,16 +13,20 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{Batch, BatchBuilder};
+use super::batch::{Batch, BatchBuilder, Seen};
+use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
-use super::{InFlight, PollerState, Shared};
+use super::{InFlight, PendingSeek, PollerState, Redelivery, Shared};
 use crate::error::Error;
+use crate::failure::record::read_headers;
+use crate::failure::FailureInfo;
 use crate::offsets::TopicPartition;
-use crate::settings::ConsumerSettings;
+use crate::settings::{ConsumerSettings, FailurePolicy};
 
 /// The longest a single poll blocks, so outcomes and shutdown are noticed quickly.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(50);
@@ -37,6 +41,8 @@ const PAUSE_AFTER: Duration = Duration::from_millis(1000);
 const COMMIT_RETRY: Duration = Duration::from_millis(500);
 /// Attempts at the last commit before the consumer closes.
 const FINAL_COMMIT_ATTEMPTS: u32 = 5;
+/// How long a seek back for a retry may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     consumer: BaseConsumer<PollerContext>,
@@ -44,12 +50,20 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     batches: tokio::sync::mpsc::Sender<Batch<T>>,
     settings: &ConsumerSettings,
 ) -> Result<(), Error> {
-    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    let subscription = settings.subscription();
+    let topics: Vec<&str> = subscription.iter().map(String::as_str).collect();
     if let Err(e) = consumer.subscribe(&topics) {
         shared.lock().inbox = None;
         return Err(e.into());
     }
-    let mut builder = BatchBuilder::<T>::new(settings);
+    let chain = Chain::new(&settings.failure);
+    let retry_topic = settings
+        .failure
+        .has(FailurePolicy::RetryTopic)
+        .then_some(settings.failure.retry_topic.topic.as_str());
+    let retry_topic_step = chain.step_of(FailurePolicy::RetryTopic).unwrap_or(0);
+    let mut redelivery: Vec<(TopicPartition, Redelivery)> = Vec::new();
+    let mut builder = BatchBuilder::<T>::new(settings).with_chain(&chain);
     let mut ready: VecDeque<Batch<T>> = VecDeque::new();
     let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
     let mut retry_commit_at: Option<Instant> = None;
@@ -69,6 +83,14 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             if st.handler_failed || batches.is_closed() {
                 // The runner has stopped: it returns the handler's error.
                 break Ok(());
+            }
+            // Retries: partitions to seek back, partitions whose wait is over.
+            seek_back(&consumer, &mut st);
+            resume_due(&consumer, &mut st);
+            for (tp, r) in st.redeliveries.drain(..) {
+                // A newer rewind of a partition replaces the older one.
+                redelivery.retain(|(known, _)| *known != tp);
+                redelivery.push((tp, r));
             }
             // A user shutdown finishes only the batch in hand; after a failure
             // (an undecodable record, a fatal error) every record read before
@@ -121,15 +143,33 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // Stopping: a record still arriving is left for the next read.
             Some(Ok(_)) if failure.is_some() => {}
             Some(Ok(m)) => {
-                let record = super::raw_record(&m);
-                if let Some(full) = builder.make_room(&record, Instant::now()) {
-                    ready.push_back(full);
-                }
-                match builder.push(record, |tp| shared.lock().tracker.generation(tp), &shared) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        shared.metrics.decode_error(&e.topic);
-                        shared.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                let seen = if retry_topic == Some(m.topic()) {
+                    // `None` when not due yet: its partition waits.
+                    retry_record(&m, retry_topic_step, &shared)
+                } else {
+                    Some(Seen::New(ChainState::default()))
+                };
+                let seen = match seen {
+                    Some(seen) if !redelivery.is_empty() => {
+                        Some(redelivered(&mut redelivery, &m, &shared).unwrap_or(seen))
+                    }
+                    other => other,
+                };
+                if let Some(seen) = seen {
+                    let record = super::raw_record(&m);
+                    if let Some(full) = builder.make_room(&record, Instant::now()) {
+                        ready.push_back(full);
+                    }
+                    let generation = |tp: &TopicPartition| {
+                        let st = shared.lock();
+                        // A partition waiting for its seek back hands out nothing.
+                        if st.seeks.iter().any(|s| s.tp == *tp) {
+                            None
+                        } else {
+                            st.tracker.generation(tp)
+                        }
+                    };
+                    if let Err(e) = builder.push(record, seen, Some(&m), generation, &shared) {
                         tracing::error!(error = %e, "undecodable record: the consumer stops after handling what came before it (failure policy `fail`)");
                         failure = Some(Error::Decode(e));
                     }
@@ -179,7 +219,7 @@ fn hand_over<T>(
         if !batch.drop_stale(&st.tracker) {
             continue;
         }
-        if batch.messages.is_empty() {
+        if !batch.has_work() {
             // Only tombstones or skipped records: nothing for the handler,
             // but their offsets are dealt with and may be committed.
             for r in &batch.ranges {
@@ -201,7 +241,7 @@ fn hand_over<T>(
             .filter_map(|r| {
                 st.tracker
                     .handed_out(&r.tp, r.first, r.end)
-                    .map(|generation| (r.tp.clone(), generation, r.first))
+                    .map(|generation| (r.tp.clone(), generation, r.first, r.end))
             })
             .collect();
         st.in_flight.push(InFlight {
@@ -225,10 +265,22 @@ fn set_paused(
             return;
         }
     };
+    // Partitions waiting for a retry stay paused, and are not paused again:
+    // pausing resets librdkafka's fetch position, which would undo the seek.
+    let mut partitions = TopicPartitionList::with_capacity(assignment.count());
+    for e in assignment.elements() {
+        if !st
+            .backoff
+            .keys()
+            .any(|tp| tp.partition == e.partition() && &*tp.topic == e.topic())
+        {
+            partitions.add_partition(e.topic(), e.partition());
+        }
+    }
     let result = if pause {
-        consumer.pause(&assignment)
+        consumer.pause(&partitions)
     } else {
-        consumer.resume(&assignment)
+        consumer.resume(&partitions)
     };
     match result {
         Ok(()) => {
@@ -240,6 +292,123 @@ fn set_paused(
             tracing::trace!(pause, "partitions paused or resumed");
         }
         Err(e) => tracing::warn!(error = %e, pause, "cannot pause or resume the partitions"),
+    }
+}
+
+/// How a record of the retry topic enters the batch: `None` when it is not
+/// due yet. Then its partition is paused and sought back to it, to be resumed
+/// when it is due; the consumer's other partitions keep flowing.
+fn retry_record(m: &BorrowedMessage<'_>, step: usize, shared: &Shared) -> Option<Seen> {
+    let headers = read_headers(m);
+    let info = FailureInfo::from_headers(
+        headers
+            .iter()
+            .map(|h| (h.key.as_slice(), h.value.as_deref())),
+    );
+    if let Some(wait) = info.due_ms.and_then(super::runner::until_due) {
+        let tp = TopicPartition::new(m.topic(), m.partition());
+        let mut st = shared.lock();
+        if let Some(generation) = st.tracker.generation(&tp) {
+            tracing::debug!(partition = %tp, offset = m.offset(), wait_ms = wait.as_millis() as u64, "retry record not due yet: its partition waits");
+            st.seeks.push(PendingSeek {
+                tp,
+                generation,
+                offset: m.offset(),
+                due: Instant::now() + wait,
+            });
+        }
+        return None;
+    }
+    Some(Seen::New(ChainState {
+        step,
+        used: info.retries,
+        attempts: info.attempts,
+    }))
+}
+
+/// How a record of a rewound partition enters the batch, or `None` when its
+/// partition is not being read again (any more).
+fn redelivered(
+    redelivery: &mut Vec<(TopicPartition, Redelivery)>,
+    m: &BorrowedMessage<'_>,
+    shared: &Shared,
+) -> Option<Seen> {
+    let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+    let index = redelivery
+        .iter()
+        .position(|(tp, _)| tp.partition == partition && &*tp.topic == topic)?;
+    let (tp, r) = &redelivery[index];
+    let current = shared.lock().tracker.generation(tp) == Some(r.generation);
+    if !current || offset >= r.until {
+        redelivery.swap_remove(index);
+        return None;
+    }
+    Some(match r.states.get(&offset) {
+        Some(state) => Seen::New(*state),
+        None => Seen::AlreadyHandled,
+    })
+}
+
+/// Pauses each partition a retry asked for and seeks it back. A partition
+/// whose seek fails keeps handing out nothing, and the seek is tried again.
+fn seek_back(consumer: &BaseConsumer<PollerContext>, st: &mut PollerState) {
+    if st.seeks.is_empty() {
+        return;
+    }
+    let seeks = std::mem::take(&mut st.seeks);
+    for seek in seeks {
+        if st.tracker.generation(&seek.tp) != Some(seek.generation) {
+            continue; // revoked or rewound again since
+        }
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&seek.tp.topic, seek.tp.partition);
+        // Pause first: pausing sets the fetch position to after the last
+        // record read, and the seek then moves it back.
+        let paused = consumer.pause(&tpl);
+        let sought = paused.and_then(|()| {
+            consumer.seek(
+                &seek.tp.topic,
+                seek.tp.partition,
+                Offset::Offset(seek.offset),
+                SEEK_TIMEOUT,
+            )
+        });
+        match sought {
+            Ok(()) => {
+                tracing::debug!(partition = %seek.tp, offset = seek.offset, "partition sought back, paused until the retry is due");
+                st.backoff.insert(seek.tp, seek.due);
+            }
+            Err(e) => {
+                tracing::warn!(partition = %seek.tp, offset = seek.offset, error = %e, "cannot seek back for a retry; trying again");
+                st.seeks.push(seek);
+            }
+        }
+    }
+}
+
+/// Resumes the partitions whose retry is due (unless all are paused for
+/// back-pressure: then they resume with the others).
+fn resume_due(consumer: &BaseConsumer<PollerContext>, st: &mut PollerState) {
+    if st.backoff.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let due: Vec<TopicPartition> = st
+        .backoff
+        .iter()
+        .filter(|(_, at)| **at <= now)
+        .map(|(tp, _)| tp.clone())
+        .collect();
+    for tp in due {
+        if !st.paused {
+            let mut tpl = TopicPartitionList::with_capacity(1);
+            tpl.add_partition(&tp.topic, tp.partition);
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(partition = %tp, error = %e, "cannot resume a partition after its retry wait; trying again");
+                continue;
+            }
+        }
+        st.backoff.remove(&tp);
     }
 }
 

@@ -99,7 +99,7 @@ impl PollerContext {
             let waiting = st
                 .in_flight
                 .iter()
-                .any(|b| b.ranges.iter().any(|(tp, _, _)| tps.contains(tp)));
+                .any(|b| b.ranges.iter().any(|(tp, _, _, _)| tps.contains(tp)));
             if !waiting || st.handler_failed {
                 break;
             }
@@ -124,6 +124,10 @@ impl PollerContext {
         for tp in &tps {
             st.tracker.revoke(tp);
         }
+        // A revoked partition's pause and pending retry go with it; the next
+        // owner reads its records again from the last commit.
+        st.backoff.retain(|tp, _| !tps.contains(tp));
+        st.seeks.retain(|s| !tps.contains(&s.tp));
         shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
         shared.metrics.revokes.increment(1);
         shared
