@@ -5,6 +5,8 @@
 #   tier 1: unit and property tests of the pure layers (envelope, settings, offsets)
 #   tier 2: integration tests against the embedded broker (librdkafka's mock
 #           cluster, on loopback, inside each test process), and doc tests
+#   bad input: 1,000,000 arbitrary keys, values and headers through the
+#           decoder, in release mode (tests/decode_fuzz.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +24,5 @@ cargo test --lib
 echo "== tier 2: integration tests on the embedded broker, and doc tests"
 cargo test --test '*'
 cargo test --doc
+echo "== bad input: 1,000,000 fuzzed records through the decoder"
+KAFKA_BATCH_FUZZ_CASES=1000000 cargo test --release --test decode_fuzz -- --nocapture

@@ -259,6 +259,25 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.max.bytes", "16777216"),
 ];
 
+/// Prefixes of librdkafka properties that only a consumer understands.
+const CONSUMER_ONLY: &[&str] = &[
+    "auto.offset.reset",
+    "auto.commit.",
+    "enable.auto.",
+    "enable.partition.eof",
+    "fetch.",
+    "group.",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "queued.",
+    "partition.assignment.strategy",
+    "isolation.level",
+    "check.crcs",
+    "coordinator.query.interval.ms",
+    "consume.callback.max.messages",
+];
+
 /// librdkafka's defaults that kafka-batch changes for the producer.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("acks", "all"), ("compression.type", "snappy")];
 
@@ -416,7 +435,11 @@ impl ConsumerSettings {
             config.set(*k, *v);
         }
         for (k, v) in self.kafka.overlaid_by(&self.failure.kafka).iter() {
-            config.set(k, v);
+            // The consumer's own properties mean nothing to a producer (and
+            // librdkafka would warn about each).
+            if !CONSUMER_ONLY.iter().any(|prefix| k.starts_with(prefix)) {
+                config.set(k, v);
+            }
         }
         config.set("bootstrap.servers", &self.bootstrap_servers);
         Ok(config)

@@ -132,6 +132,13 @@ impl<'s> Runner<'s> {
                 },
                 None => whole(),
             };
+            // The rest of the batch was handled.
+            let handled = (kept.len() - positions.len()) as u64;
+            self.shared
+                .stats
+                .messages
+                .fetch_add(handled, Ordering::Relaxed);
+            self.shared.metrics.process_count.increment(handled);
             for (i, text) in positions {
                 let k = &kept[i];
                 failed.push(Failed {

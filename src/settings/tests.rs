@@ -246,3 +246,113 @@ fn a_revoke_timeout_that_would_outlast_max_poll_interval_is_refused() {
     s.revoke_timeout_ms = 10_000;
     assert!(s.validate().is_ok());
 }
+
+#[test]
+fn the_failure_chain_loads_from_toml_and_env() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "KAFKA_BATCH_CONSUMER__FAILURE__POLICIES",
+            "retry, retry_topic, dead_letter",
+        );
+        jail.set_env("KAFKA_BATCH_CONSUMER__FAILURE__RETRY__RETRIES", "5");
+        let s = load_in(
+            jail,
+            r#"
+            bootstrap_servers = "b:9092"
+            [consumer]
+            group_id = "g"
+            topics = ["events"]
+            [consumer.failure]
+            policies = ["skip"]
+            [consumer.failure.retry]
+            backoff_ms = 250
+            [consumer.failure.retry_topic]
+            topic = "events.retry"
+            [consumer.failure.dead_letter]
+            topic = "events.dead"
+            [consumer.failure.kafka]
+            "linger.ms" = 5
+            "#,
+        )
+        .expect("valid settings");
+        let f = &s.consumer.failure;
+        assert_eq!(
+            f.policies,
+            [
+                FailurePolicy::Retry,
+                FailurePolicy::RetryTopic,
+                FailurePolicy::DeadLetter
+            ],
+            "env beats the file"
+        );
+        assert_eq!((f.retry.retries, f.retry.backoff_ms), (5, 250));
+        assert_eq!(s.consumer.subscription(), ["events", "events.retry"]);
+        let producer = s.consumer.failure_producer_config().expect("config");
+        assert_eq!(producer.get("linger.ms"), Some("5"));
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(
+            producer.get("fetch.max.bytes"),
+            None,
+            "consumer-only properties are left out"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_failure_chain_that_cannot_work_is_refused_with_the_fix() {
+    use FailurePolicy::*;
+    let check = |policies: &[FailurePolicy], edit: &dyn Fn(&mut ConsumerSettings)| {
+        let mut s = ConsumerSettings::new("b:9092", "g", &["events"]);
+        s.failure.policies = policies.to_vec();
+        s.failure.dead_letter.topic = "events.dead".into();
+        s.failure.retry_topic.topic = "events.retry".into();
+        edit(&mut s);
+        s.validate().map_err(|e| e.to_string())
+    };
+    let none = &|_: &mut ConsumerSettings| {};
+    assert!(check(&[Retry, RetryTopic, DeadLetter], none).is_ok());
+    assert!(check(&[Skip, Retry], none)
+        .unwrap_err()
+        .contains("end the chain"));
+    assert!(check(&[Retry, Retry], none).unwrap_err().contains("twice"));
+    assert!(check(&[], none).unwrap_err().contains("is empty"));
+    let no_topic = check(&[DeadLetter], &|s| s.failure.dead_letter.topic.clear()).unwrap_err();
+    assert!(
+        no_topic.contains("consumer.failure.dead_letter.topic"),
+        "{no_topic}"
+    );
+    let reads_itself = check(&[RetryTopic, DeadLetter], &|s| {
+        s.failure.retry_topic.topic = "events".into()
+    })
+    .unwrap_err();
+    assert!(
+        reads_itself.contains("one of consumer.topics"),
+        "{reads_itself}"
+    );
+    let loop_back = check(&[DeadLetter], &|s| {
+        s.failure.dead_letter.topic = "events".into()
+    })
+    .unwrap_err();
+    assert!(loop_back.contains("consumed again"), "{loop_back}");
+    let jitter = check(&[Retry], &|s| s.failure.retry.jitter = 1.5).unwrap_err();
+    assert!(jitter.contains("consumer.failure.retry.jitter"), "{jitter}");
+    let shrinking = check(&[Retry], &|s| s.failure.retry.backoff_multiplier = 0.5).unwrap_err();
+    assert!(shrinking.contains("backoff_multiplier"), "{shrinking}");
+    let zero = check(&[RetryTopic, Fail], &|s| s.failure.retry_topic.retries = 0).unwrap_err();
+    assert!(
+        zero.contains("consumer.failure.retry_topic.retries"),
+        "{zero}"
+    );
+    Jail::expect_with(|jail| {
+        let err = message(load_in(
+            jail,
+            "[consumer.failure]\npolicies = [\"retry\", \"dead_letters\"]\n",
+        ));
+        assert!(
+            err.contains("unknown failure policy \"dead_letters\""),
+            "{err}"
+        );
+        Ok(())
+    });
+}
