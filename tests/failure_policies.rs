@@ -654,3 +654,78 @@ async fn a_dead_letter_topic_that_cannot_be_written_stops_the_consumer_before_co
         "committed up to the record that could not be dead-lettered, not past it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_wait_longer_than_max_poll_interval_keeps_the_group_and_the_other_partitions_flowing(
+) {
+    let broker = broker_with("orders", 2);
+    broker.create_topic("orders.dead", 1).unwrap();
+    // m0..m9 on partition 0 (produce_numbered spreads by key: put them by hand).
+    let good = |n: usize| format!(r#"{{"item": {{"n": {n}}}}}"#).into_bytes();
+    let values: Vec<Vec<u8>> = (0..10).map(good).collect();
+    let keys: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let records: Vec<(i32, Option<&[u8]>, Option<&[u8]>)> = (0..10)
+        .map(|i| (0, Some(keys[i].as_bytes()), Some(values[i].as_slice())))
+        .collect();
+    broker.produce_raw("orders", &records).unwrap();
+
+    let mut settings = policies(&broker, "g", "orders", &[Retry, DeadLetter]);
+    settings.failure.retry.retries = 1;
+    settings.failure.retry.backoff_ms = 4000;
+    settings.failure.retry.max_backoff_ms = 4000;
+    settings.kafka.set("max.poll.interval.ms", "3000");
+    settings.kafka.set("session.timeout.ms", "3000");
+    settings.kafka.set("heartbeat.interval.ms", "500");
+    settings.revoke_timeout_ms = 1000;
+    let consumer = Consumer::new(&settings).unwrap();
+    let handle = consumer.handle();
+    let mut seen: Vec<String> = Vec::new();
+    let mut produced_later = false;
+    let run = consumer.process(async |batch: Vec<Message>| {
+        seen.extend(batch.iter().map(|m| m.id.clone()));
+        if !produced_later {
+            // While m4 waits 4 s on partition 0, partition 1 gets records.
+            produced_later = true;
+            let late: Vec<(i32, Option<&[u8]>, Option<&[u8]>)> = vec![
+                (1, Some(b"late-1"), Some(br#"{"item": 1}"#)),
+                (1, Some(b"late-2"), Some(br#"{"item": 2}"#)),
+            ];
+            tokio::task::block_in_place(|| broker.produce_raw("orders", &late)).unwrap();
+        }
+        fail_ids(&batch, &["m4"])
+    });
+    let stopper = async {
+        wait_until("m4 dead-lettered", LIMIT, || {
+            handle.stats().dead_lettered == 1
+        })
+        .await;
+        let before_shutdown = handle.stats();
+        handle.shutdown();
+        before_shutdown
+    };
+    let (result, stats) = within(LIMIT, async { tokio::join!(run, stopper) }).await;
+    result.unwrap();
+
+    let retry_at = seen.iter().rposition(|id| id == "m4").unwrap();
+    assert_eq!(seen.iter().filter(|id| *id == "m4").count(), 2, "{seen:?}");
+    for late in ["late-1", "late-2"] {
+        let at = seen
+            .iter()
+            .position(|id| id == late)
+            .expect("the other partition was read");
+        assert!(
+            at < retry_at,
+            "{late} was handled while m4 waited: {seen:?}"
+        );
+    }
+
+    assert_eq!(
+        (stats.assigned, stats.revoked),
+        (2, 0),
+        "the 4 s wait, longer than max.poll.interval.ms, cost no rebalance"
+    );
+    assert_eq!(
+        committed(&broker, "g", "orders").await,
+        BTreeMap::from([(0, 10), (1, 2)])
+    );
+}
