@@ -58,23 +58,29 @@ async fn cli(servers: &str, args: &[String]) -> anyhow::Result<()> {
     }
     let replay = replay.offsets(from..until);
     if list {
-        let reader = replay.clone();
-        for letter in tokio::task::spawn_blocking(move || reader.read()).await?? {
-            let info = &letter.info;
-            println!(
-                "{}:{}  from {:?}  attempts {}  {}: {}",
-                letter.partition,
-                letter.offset,
-                info.source(),
-                info.attempts,
-                info.reason.as_deref().unwrap_or("?"),
-                info.error.as_deref().unwrap_or("?"),
-            );
-        }
+        list_dead_letters(replay.clone()).await?;
         return Ok(());
     }
     let report = replay.run().await?;
     println!("{report:#?}");
+    Ok(())
+}
+
+/// Prints each dead letter with what its failure headers say.
+async fn list_dead_letters(replay: Replay) -> anyhow::Result<()> {
+    // Reading blocks (librdkafka polls): keep it off the async workers.
+    for letter in tokio::task::spawn_blocking(move || replay.read()).await?? {
+        let info = &letter.info;
+        println!(
+            "  {}:{}  from {:?}  attempts {}  {}: {}",
+            letter.partition,
+            letter.offset,
+            info.source(),
+            info.attempts,
+            info.reason.as_deref().unwrap_or("?"),
+            info.error.as_deref().unwrap_or("?"),
+        );
+    }
     Ok(())
 }
 
@@ -130,19 +136,7 @@ async fn demo() -> anyhow::Result<()> {
     );
 
     println!("\ndead letters in orders.dead:");
-    let reader = Replay::new(&servers, "orders.dead");
-    for letter in tokio::task::spawn_blocking(move || reader.read()).await?? {
-        let info = &letter.info;
-        println!(
-            "  {}:{}  from {:?}  attempts {}  {}: {}",
-            letter.partition,
-            letter.offset,
-            info.source(),
-            info.attempts,
-            info.reason.as_deref().unwrap_or("?"),
-            info.error.as_deref().unwrap_or("?"),
-        );
-    }
+    list_dead_letters(Replay::new(&servers, "orders.dead")).await?;
 
     // Once the bug is fixed, replay them to where they came from.
     let report = Replay::new(&servers, "orders.dead").run().await?;

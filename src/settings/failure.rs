@@ -232,27 +232,38 @@ impl Backoff {
     }
 }
 
+impl Backoff {
+    fn from_settings(initial_ms: u64, multiplier: f64, max_ms: u64, jitter: f64) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(initial_ms),
+            multiplier,
+            max: Duration::from_millis(max_ms),
+            jitter,
+        }
+    }
+}
+
 impl RetrySettings {
     /// The backoff schedule of these settings.
     pub fn backoff(&self) -> Backoff {
-        Backoff {
-            initial: Duration::from_millis(self.backoff_ms),
-            multiplier: self.backoff_multiplier,
-            max: Duration::from_millis(self.max_backoff_ms),
-            jitter: self.jitter,
-        }
+        Backoff::from_settings(
+            self.backoff_ms,
+            self.backoff_multiplier,
+            self.max_backoff_ms,
+            self.jitter,
+        )
     }
 }
 
 impl RetryTopicSettings {
     /// The delay schedule of these settings.
     pub fn backoff(&self) -> Backoff {
-        Backoff {
-            initial: Duration::from_millis(self.backoff_ms),
-            multiplier: self.backoff_multiplier,
-            max: Duration::from_millis(self.max_backoff_ms),
-            jitter: self.jitter,
-        }
+        Backoff::from_settings(
+            self.backoff_ms,
+            self.backoff_multiplier,
+            self.max_backoff_ms,
+            self.jitter,
+        )
     }
 }
 
