@@ -15,7 +15,7 @@ use common::*;
 use kafka_batch::failure::{headers, FailureInfo};
 use kafka_batch::replay::Replay;
 use kafka_batch::settings::FailurePolicy::{self, *};
-use kafka_batch::testing::EmbeddedBroker;
+use kafka_batch::testing::{EmbeddedBroker, RawProduce};
 use kafka_batch::{Consumer, ConsumerSettings, Error, Failures, Message};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use serde::Deserialize;
@@ -664,7 +664,7 @@ async fn a_retry_wait_longer_than_max_poll_interval_keeps_the_group_and_the_othe
     let good = |n: usize| format!(r#"{{"item": {{"n": {n}}}}}"#).into_bytes();
     let values: Vec<Vec<u8>> = (0..10).map(good).collect();
     let keys: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
-    let records: Vec<(i32, Option<&[u8]>, Option<&[u8]>)> = (0..10)
+    let records: Vec<RawProduce<'_>> = (0..10)
         .map(|i| (0, Some(keys[i].as_bytes()), Some(values[i].as_slice())))
         .collect();
     broker.produce_raw("orders", &records).unwrap();
@@ -686,7 +686,7 @@ async fn a_retry_wait_longer_than_max_poll_interval_keeps_the_group_and_the_othe
         if !produced_later {
             // While m4 waits 4 s on partition 0, partition 1 gets records.
             produced_later = true;
-            let late: Vec<(i32, Option<&[u8]>, Option<&[u8]>)> = vec![
+            let late: Vec<RawProduce<'_>> = vec![
                 (1, Some(b"late-1"), Some(br#"{"item": 1}"#)),
                 (1, Some(b"late-2"), Some(br#"{"item": 2}"#)),
             ];
