@@ -29,11 +29,14 @@ fn history(depth: usize) -> Vec<Ref> {
             partition: 3,
             offset: 1000 + level as i64,
             key: Some("evt-1".into()),
-            hist: Some(Box::new(Hist {
-                svc: format!("svc-{level}"),
-                dt: "2026-11-22T09:34:06.123456+00:00".into(),
-                refs,
-            })),
+            hist: Some(
+                Hist {
+                    svc: format!("svc-{level}"),
+                    dt: "2026-11-22T09:34:06.123456+00:00".into(),
+                    refs,
+                }
+                .into(),
+            ),
         }];
     }
     refs

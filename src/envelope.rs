@@ -43,7 +43,7 @@ pub const MAX_HIST_DEPTH: u32 = 100;
 ///     partition: 3,
 ///     offset: 1042,
 ///     key: Some("evt-1".into()),
-///     hist: Some(Box::new(Hist { svc: "loader".into(), dt: "2026-11-22T09:34:06+00:00".into(), refs: vec![] })),
+///     hist: Some(Hist { svc: "loader".into(), dt: "2026-11-22T09:34:06+00:00".into(), refs: vec![] }.into()),
 /// };
 /// assert_eq!(input.to_string(), "events:3:1042:evt-1");
 /// assert_eq!(input.hist.as_ref().map(|h| h.depth()), Some(1));
@@ -59,7 +59,7 @@ pub struct Ref {
     /// Key (message id) of the consumed record.
     pub key: Option<String>,
     /// The `hist` the consumed record carried, or `None`.
-    pub hist: Option<Box<Hist>>,
+    pub hist: Option<History>,
 }
 
 impl fmt::Display for Ref {
@@ -98,11 +98,126 @@ impl Hist {
             deepest = deepest.max(depth);
             for r in &hist.refs {
                 if let Some(h) = &r.hist {
-                    stack.push((h, depth + 1));
+                    stack.push((h.get(), depth + 1));
                 }
             }
         }
         deepest
+    }
+}
+
+/// A ref's history. One read from a record is kept as the JSON it was
+/// written as, checked against the long-history guard, and parsed into a
+/// [`Hist`] only when first looked at; packing a message derived from it
+/// writes that JSON back unchanged, without parsing it. It dereferences to
+/// [`Hist`].
+///
+/// ```
+/// use kafka_batch::envelope::History;
+/// use kafka_batch::Hist;
+///
+/// let history = History::from(Hist { svc: "loader".into(), dt: "2026-11-22T09:34:06+00:00".into(), refs: vec![] });
+/// assert_eq!(history.svc, "loader");
+/// assert_eq!(history.depth(), 1);
+/// ```
+#[derive(Clone)]
+pub struct History(Arc<HistoryInner>);
+
+struct HistoryInner {
+    /// The JSON as read, already checked by [`check_hist`]; `None` when built in code.
+    raw: Option<Box<RawValue>>,
+    parsed: std::sync::OnceLock<Hist>,
+}
+
+impl History {
+    /// A history built in code.
+    pub fn new(hist: Hist) -> History {
+        History(Arc::new(HistoryInner {
+            raw: None,
+            parsed: std::sync::OnceLock::from(hist),
+        }))
+    }
+
+    /// A history read from a record, which [`check_hist`] accepted.
+    fn from_checked(raw: &RawValue) -> History {
+        History(Arc::new(HistoryInner {
+            raw: Some(raw.to_owned()),
+            parsed: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// The history, parsed on first use.
+    pub fn get(&self) -> &Hist {
+        self.0.parsed.get_or_init(|| match &self.0.raw {
+            Some(raw) => match parse_hist(raw) {
+                Ok(Some(hist)) => hist,
+                // check_hist accepted this JSON with the same grammar, so this
+                // cannot happen; an empty history is the safe answer if it did.
+                other => {
+                    tracing::error!(result = ?other.err(), "a checked history failed to parse; this is a bug, please report it");
+                    Hist {
+                        svc: String::new(),
+                        dt: String::new(),
+                        refs: Vec::new(),
+                    }
+                }
+            },
+            None => Hist {
+                svc: String::new(),
+                dt: String::new(),
+                refs: Vec::new(),
+            },
+        })
+    }
+
+    /// The JSON this history was read as, or `None` for one built in code.
+    pub fn raw_json(&self) -> Option<&str> {
+        self.0.raw.as_deref().map(RawValue::get)
+    }
+}
+
+impl std::ops::Deref for History {
+    type Target = Hist;
+
+    fn deref(&self) -> &Hist {
+        self.get()
+    }
+}
+
+impl From<Hist> for History {
+    fn from(hist: Hist) -> History {
+        History::new(hist)
+    }
+}
+
+impl From<Box<Hist>> for History {
+    fn from(hist: Box<Hist>) -> History {
+        History::new(*hist)
+    }
+}
+
+impl PartialEq for History {
+    fn eq(&self, other: &History) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.get() == other.get()
+    }
+}
+
+impl Eq for History {}
+
+impl fmt::Debug for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl Serialize for History {
+    /// Writes the JSON as it was read (unchanged, unparsed), or the history built in code.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match (&self.0.raw, self.0.parsed.get()) {
+            (Some(raw), _) => raw.serialize(s),
+            (None, Some(hist)) => hist.serialize(s),
+            (None, None) => self.get().serialize(s),
+        }
     }
 }
 
@@ -283,8 +398,8 @@ pub fn unpack<T: DeserializeOwned>(
     let (payload, raw_hist) = parse_envelope::<T>(value).map_err(fail)?;
     let hist = match raw_hist {
         None => None,
-        Some(raw) => match parse_hist(raw) {
-            Ok(hist) => hist.map(Box::new),
+        Some(raw) => match check_hist(raw) {
+            Ok(()) => Some(History::from_checked(raw)),
             Err(reason) => {
                 tracing::warn!(
                     record = %format_args!("{}:{}:{}:{}", record.topic, record.partition, record.offset, key),
@@ -550,7 +665,7 @@ impl<'de> Visitor<'de> for RefSeed {
                         .next_value_seed(HistSeed {
                             depth: self.depth + 1,
                         })?
-                        .map(Box::new)
+                        .map(History::new)
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -558,6 +673,222 @@ impl<'de> Visitor<'de> for RefSeed {
             }
         }
         Ok(r)
+    }
+}
+
+/// Checks a `hist` value against the long-history guard and the history
+/// grammar without building it: the same grammar as [`parse_hist`] (so a
+/// checked history always parses), with no allocation but for escaped
+/// strings. Consuming a record costs this check; the history is built only
+/// when someone looks at it.
+fn check_hist(raw: &RawValue) -> Result<(), HistDropped> {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    de.disable_recursion_limit();
+    let checked = CheckHist { depth: 1 }
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    checked.map_err(|e| {
+        let text = e.to_string();
+        if text.starts_with(TOO_DEEP) {
+            HistDropped::TooDeep
+        } else if text.starts_with(LEGACY_REFS) {
+            HistDropped::LegacyRefs
+        } else {
+            HistDropped::Malformed(text)
+        }
+    })
+}
+
+/// A string (or, with `Option`, null), borrowed or escaped, not kept.
+struct AnyStr;
+
+impl<'de> de::Deserialize<'de> for AnyStr {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<AnyStr, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = AnyStr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<AnyStr, E> {
+                Ok(AnyStr)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A map key compared in place (escaped keys are unescaped into a scratch copy).
+struct Key(KeyName);
+
+#[derive(PartialEq)]
+enum KeyName {
+    Svc,
+    Dt,
+    Refs,
+    Topic,
+    Partition,
+    Offset,
+    Key,
+    Hist,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for Key {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(Key(match v {
+                    "svc" => KeyName::Svc,
+                    "dt" => KeyName::Dt,
+                    "refs" => KeyName::Refs,
+                    "topic" => KeyName::Topic,
+                    "partition" => KeyName::Partition,
+                    "offset" => KeyName::Offset,
+                    "key" => KeyName::Key,
+                    "hist" => KeyName::Hist,
+                    _ => KeyName::Other,
+                }))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// [`HistSeed`]'s grammar, checked: a history object or null.
+struct CheckHist {
+    depth: u32,
+}
+
+impl<'de> DeserializeSeed<'de> for CheckHist {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CheckHist {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a history object or null")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_HIST_DEPTH {
+            return Err(de::Error::custom(TOO_DEEP));
+        }
+        while let Some(Key(key)) = map.next_key()? {
+            match key {
+                KeyName::Svc | KeyName::Dt => {
+                    map.next_value::<Option<AnyStr>>()?;
+                }
+                KeyName::Refs => map.next_value_seed(CheckRefs { depth: self.depth })?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`RefsSeed`]'s grammar, checked.
+struct CheckRefs {
+    depth: u32,
+}
+
+impl<'de> DeserializeSeed<'de> for CheckRefs {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CheckRefs {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of refs")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(LEGACY_REFS))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(CheckRef { depth: self.depth })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+/// [`RefSeed`]'s grammar, checked.
+struct CheckRef {
+    depth: u32,
+}
+
+impl<'de> DeserializeSeed<'de> for CheckRef {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CheckRef {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a ref object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key()? {
+            match key {
+                KeyName::Topic | KeyName::Key => {
+                    map.next_value::<Option<AnyStr>>()?;
+                }
+                KeyName::Partition => {
+                    map.next_value::<i32>()?;
+                }
+                KeyName::Offset => {
+                    map.next_value::<i64>()?;
+                }
+                KeyName::Hist => map.next_value_seed(CheckHist {
+                    depth: self.depth + 1,
+                })?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

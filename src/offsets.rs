@@ -62,13 +62,16 @@ struct PartitionOffsets {
 }
 
 impl PartitionOffsets {
-    /// Moves the watermark over the finished ranges at the front.
-    fn advance(&mut self) {
+    /// Moves the watermark over the finished ranges at the front; true when it moved.
+    fn advance(&mut self) -> bool {
+        let mut moved = false;
         while self.handed_out.front().is_some_and(|r| r.finished) {
             if let Some(done) = self.handed_out.pop_front() {
                 self.watermark = Some(done.end);
+                moved = true;
             }
         }
+        moved
     }
 }
 
@@ -93,6 +96,10 @@ impl PartitionOffsets {
 pub struct OffsetTracker {
     partitions: HashMap<TopicPartition, PartitionOffsets>,
     next_generation: Generation,
+    /// Some watermark may be ahead of its commit: the poller asks for
+    /// committable offsets after every poll, and this keeps that free when
+    /// nothing finished.
+    uncommitted: bool,
 }
 
 impl OffsetTracker {
@@ -152,7 +159,7 @@ impl OffsetTracker {
             return false;
         };
         range.finished = true;
-        p.advance();
+        self.uncommitted |= p.advance();
         true
     }
 
@@ -196,7 +203,7 @@ impl OffsetTracker {
                 generation,
             });
         }
-        p.advance();
+        self.uncommitted |= p.advance();
         self.next_generation += 1;
         p.generation = self.next_generation;
         Some(p.generation)
@@ -218,6 +225,9 @@ impl OffsetTracker {
     /// Each partition whose watermark is ahead of what was committed, with
     /// the offset to commit (the next offset to read), in partition order.
     pub fn committable(&self) -> Vec<(TopicPartition, i64)> {
+        if !self.uncommitted {
+            return Vec::new();
+        }
         let mut out: Vec<(TopicPartition, i64)> = self
             .partitions
             .iter()
@@ -236,6 +246,10 @@ impl OffsetTracker {
         if let Some(p) = self.partitions.get_mut(tp) {
             p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
         }
+        self.uncommitted = self
+            .partitions
+            .values()
+            .any(|p| matches!((p.watermark, p.committed), (Some(w), c) if c.is_none_or(|c| w > c)));
     }
 }
 

@@ -226,15 +226,15 @@ fn latest_only_keeps_each_ids_last_message_in_order() {
     );
 }
 
-fn hist(svc: &str, dt: &str, refs: Vec<Ref>) -> Option<Box<Hist>> {
-    Some(Box::new(Hist {
+fn hist(svc: &str, dt: &str, refs: Vec<Ref>) -> Option<History> {
+    Some(History::new(Hist {
         svc: svc.into(),
         dt: dt.into(),
         refs,
     }))
 }
 
-fn ref_with(hist: Option<Box<Hist>>) -> Ref {
+fn ref_with(hist: Option<History>) -> Ref {
     Ref {
         topic: "t".into(),
         partition: 0,
@@ -355,4 +355,79 @@ proptest! {
     ) {
         let _ = unpack::<Value>(record(key.as_deref(), Some(&value)), &topic());
     }
+}
+
+/// History-shaped JSON: mostly the real grammar, sometimes the wrong types.
+fn hist_like() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        "[a-z\\\\\"]{0,4}".prop_map(Value::from),
+        Just(json!({"topic": "t"})),
+    ];
+    leaf.prop_recursive(5, 48, 5, |inner| {
+        let field = prop::sample::select(vec![
+            "svc",
+            "dt",
+            "refs",
+            "topic",
+            "partition",
+            "offset",
+            "key",
+            "hist",
+            "other",
+            "h\\u0069st",
+        ]);
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map(field.prop_map(String::from), inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    /// The cheap check on read and the full parse on first use agree on
+    /// every history, so a history that was kept always parses.
+    #[test]
+    fn the_read_check_accepts_exactly_what_the_parser_accepts(hist in hist_like()) {
+        let text = hist.to_string();
+        let raw: Box<RawValue> = RawValue::from_string(text).unwrap();
+        let checked = check_hist(&raw);
+        let parsed = parse_hist(&raw);
+        prop_assert_eq!(checked.is_ok(), parsed.is_ok(), "check {:?} parse {:?}", checked.err(), parsed.err());
+    }
+}
+
+#[test]
+fn a_derived_message_writes_its_input_history_back_unchanged() {
+    // Fields kafka-batch does not know, and Python's spacing, survive a hop.
+    let history = r#"{"svc": "py-svc", "dt": "2026-11-22T09:34:06+00:00", "trace": {"id": 7}, "refs": [{"topic": "raw", "partition": 0, "offset": 7, "key": "a", "hist": null}]}"#;
+    let value = format!(r#"{{"item": {{"n": 1}}, "hist": {history}}}"#);
+    let input = decode(Some(b"a"), value.as_bytes()).unwrap().unwrap();
+    let output = input.derive(json!({"n": 2}));
+    let packed = pack("me", "2026-11-22T09:35:00.000000+00:00", &output).unwrap();
+    let text = String::from_utf8(packed).unwrap();
+    assert!(text.contains(history), "{text}");
+    // And it still reads as the same history.
+    let back = decode(Some(b"a"), text.as_bytes()).unwrap().unwrap();
+    let own = back.source().unwrap().hist.as_deref().unwrap();
+    assert_eq!(
+        own.refs[0].hist.as_deref().map(|h| h.svc.as_str()),
+        Some("py-svc")
+    );
+}
+
+#[test]
+fn an_escaped_field_name_cannot_slip_a_deep_history_past_the_guard() {
+    let mut hist = "null".to_string();
+    for level in 0..120 {
+        hist = format!(
+            r#"{{"svc": "s{level}", "dt": "d", "refs": [{{"topic": "t", "partition": 0, "offset": 1, "key": "k", "h\u0069st": {hist}}}]}}"#
+        );
+    }
+    let value = format!(r#"{{"item": 1, "hist": {hist}}}"#);
+    let m = decode(Some(b"k"), value.as_bytes()).unwrap().unwrap();
+    assert_eq!(m.source().unwrap().hist, None, "cut at 100 levels");
 }
