@@ -472,9 +472,10 @@ impl<'de, T: DeserializeOwned> Visitor<'de> for EnvelopeSeed<'_, T> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut item: Option<T> = None;
         let mut hist: Option<&'de RawValue> = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "item" => {
+        // Field names are compared in place: no allocation per record.
+        while let Some(Key(key)) = map.next_key()? {
+            match key {
+                KeyName::Item => {
                     if item.is_some() {
                         return Err(de::Error::duplicate_field("item"));
                     }
@@ -482,7 +483,7 @@ impl<'de, T: DeserializeOwned> Visitor<'de> for EnvelopeSeed<'_, T> {
                     item = Some(map.next_value()?);
                     self.in_item.set(false);
                 }
-                "hist" => {
+                KeyName::Hist => {
                     let raw: &'de RawValue = map.next_value()?;
                     hist = (raw.get() != "null").then_some(raw);
                 }
@@ -723,6 +724,7 @@ struct Key(KeyName);
 
 #[derive(PartialEq)]
 enum KeyName {
+    Item,
     Svc,
     Dt,
     Refs,
@@ -744,6 +746,7 @@ impl<'de> de::Deserialize<'de> for Key {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
                 Ok(Key(match v {
+                    "item" => KeyName::Item,
                     "svc" => KeyName::Svc,
                     "dt" => KeyName::Dt,
                     "refs" => KeyName::Refs,
