@@ -471,6 +471,10 @@ struct Shared {
     metrics: ConsumerMetrics,
     revoke_timeout: Duration,
     commit: bool,
+    /// Each assigned partition's current generation, as in the tracker. The
+    /// runner reads it (to drop records that will be read again) without
+    /// the state lock, which a revoke holds while it waits for the runner.
+    generations: Mutex<HashMap<TopicPartition, crate::offsets::Generation>>,
 }
 
 impl Shared {
@@ -492,7 +496,37 @@ impl Shared {
             metrics: ConsumerMetrics::new(&settings.service),
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
+            generations: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Publishes a partition's generation (`None`: no longer assigned).
+    fn publish_generation(
+        &self,
+        tp: &TopicPartition,
+        generation: Option<crate::offsets::Generation>,
+    ) {
+        let mut generations = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match generation {
+            Some(g) => {
+                generations.insert(tp.clone(), g);
+            }
+            None => {
+                generations.remove(tp);
+            }
+        }
+    }
+
+    /// The current generation of a partition, as last published.
+    fn current_generation(&self, tp: &TopicPartition) -> Option<crate::offsets::Generation> {
+        self.generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tp)
+            .copied()
     }
 
     #[cfg(test)]
@@ -652,6 +686,7 @@ impl PollerState {
             let Some(new_generation) = self.tracker.rewind(tp, *generation, *first, at) else {
                 continue;
             };
+            shared.publish_generation(tp, Some(new_generation));
             rewound = true;
             if let Some((wait, states)) = &rewind.retry {
                 self.seeks.push(PendingSeek {

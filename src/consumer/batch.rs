@@ -113,11 +113,16 @@ impl<T> Batch<T> {
         self.retain_ranges(|r| tracker.generation(&r.tp) == Some(r.generation))
     }
 
-    /// Like [`Batch::drop_stale`], for a batch already handed out: drops the
-    /// ranges the tracker no longer holds (revoked, or rewound for a retry),
-    /// so the handler never sees records that will be read again.
-    pub fn drop_released(&mut self, tracker: &OffsetTracker) -> bool {
-        self.retain_ranges(|r| tracker.holds(&r.tp, r.generation, r.first))
+    /// Like [`Batch::drop_stale`], for a batch already handed out, given
+    /// each partition's current generation: drops the ranges of partitions
+    /// revoked or rewound for a retry since, so the handler never sees
+    /// records that will be read again. (An unfinished range is held exactly
+    /// while its generation is current.)
+    pub fn drop_released(
+        &mut self,
+        current: impl Fn(&TopicPartition) -> Option<Generation>,
+    ) -> bool {
+        self.retain_ranges(|r| current(&r.tp) == Some(r.generation))
     }
 
     fn retain_ranges(&mut self, keep: impl Fn(&BatchRange) -> bool) -> bool {

@@ -78,7 +78,8 @@ impl PollerContext {
         let tps = partitions(tpl);
         let mut st = self.shared.lock();
         for tp in &tps {
-            st.tracker.assign(tp.clone());
+            let generation = st.tracker.assign(tp.clone());
+            self.shared.publish_generation(tp, Some(generation));
         }
         self.shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
         self.shared.metrics.assigns.increment(1);
@@ -123,6 +124,7 @@ impl PollerContext {
         }
         for tp in &tps {
             st.tracker.revoke(tp);
+            shared.publish_generation(tp, None);
         }
         // A revoked partition's pause and pending retry go with it; the next
         // owner reads its records again from the last commit.

@@ -69,15 +69,11 @@ impl<'s> Runner<'s> {
         E: Into<BoxError>,
     {
         let id = batch.id;
-        {
-            // Records rewound for a retry, or revoked, since the batch was cut
-            // will be read again: the handler must not see them now.
-            let st = self.shared.lock();
-            if !batch.drop_released(&st.tracker) {
-                drop(st);
-                self.tell(ToPoller::Abandoned { batch: id });
-                return Ok(());
-            }
+        // Records rewound for a retry, or revoked, since the batch was cut
+        // will be read again: the handler must not see them now.
+        if !batch.drop_released(|tp| self.shared.current_generation(tp)) {
+            self.tell(ToPoller::Abandoned { batch: id });
+            return Ok(());
         }
         if !batch.has_work() {
             self.tell(ToPoller::Finished { batch: id });
