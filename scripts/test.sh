@@ -7,6 +7,12 @@
 #           cluster, on loopback, inside each test process), and doc tests
 #   bad input: 1,000,000 arbitrary keys, values and headers through the
 #           decoder, in release mode (tests/decode_fuzz.rs)
+#   tier 3: reliability on a real broker: tansu (an Apache Kafka compatible
+#           broker from crates.io, installed here once, ~12 minutes on 2
+#           cores), started on a free loopback port and stopped by its
+#           process id when this script ends, pass or fail; consumer group
+#           member processes joined, left, killed with SIGKILL and stopped
+#           with SIGTERM (tests/real_broker.rs, examples/group_member.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +32,34 @@ cargo test --test '*'
 cargo test --doc
 echo "== bad input: 1,000,000 fuzzed records through the decoder"
 KAFKA_BATCH_FUZZ_CASES=1000000 cargo test --release --test decode_fuzz -- --nocapture
+
+echo "== tier 3: reliability on a real broker (tansu)"
+TANSU_VERSION=0.6.0
+if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  echo "installing tansu $TANSU_VERSION (once; about 12 minutes on 2 cores)"
+  cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --example group_member
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+tansu_log=$(mktemp)
+tansu broker \
+  --listener-url "tcp://127.0.0.1:$port" \
+  --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ >"$tansu_log" 2>&1 &
+tansu_pid=$!
+stop_tansu() {
+  kill -TERM "$tansu_pid" 2>/dev/null || true
+  wait "$tansu_pid" 2>/dev/null || true
+  rm -f "$tansu_log"
+}
+trap stop_tansu EXIT
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  kill -0 "$tansu_pid" 2>/dev/null || { cat "$tansu_log"; echo "tansu did not start"; exit 1; }
+  sleep 0.2
+done
+echo "tansu $TANSU_VERSION (pid $tansu_pid) listening on 127.0.0.1:$port"
+REAL_BROKER_BOOTSTRAP="127.0.0.1:$port" \
+REAL_BROKER_MEMBER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/group_member" \
+  cargo test --release --test real_broker -- --test-threads=1

@@ -117,3 +117,10 @@ pub async fn collect_batches(
 pub fn sizes(batches: &[Vec<Message<Value>>]) -> Vec<usize> {
     batches.iter().map(Vec::len).collect()
 }
+
+/// A line of figures for RELIABILITY.md, written straight to stderr so it
+/// shows even when the test passes (libtest captures only the print macros).
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "RELIABILITY {line}");
+}
