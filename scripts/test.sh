@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test tier of kafka-batch. On a fresh Debian machine it first
-# installs what building librdkafka needs.
+# installs what building librdkafka needs, and tansu (in the background).
 #
 #   tier 1: unit and property tests of the pure layers (envelope, settings, offsets)
 #   tier 2: integration tests against the embedded broker (librdkafka's mock
@@ -17,12 +17,36 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in libssl-dev pkg-config zlib1g-dev make g++; do
+for pkg in libssl-dev pkg-config zlib1g-dev make g++ python3; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing build dependencies: ${need[*]}"
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
+fi
+
+# tansu for tier 3: its install (about 12 minutes on 2 cores, once) runs in
+# the background while the other tiers build and run.
+TANSU_VERSION=0.6.0
+export PATH="$HOME/.cargo/bin:$PATH"
+tansu_install_log=$(mktemp)
+tansu_install=
+tansu_pid=
+tansu_log=
+# Whatever happens, stop what this script started, by process id.
+cleanup() {
+  for pid in $tansu_install $tansu_pid; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -f "$tansu_install_log" ${tansu_log:+"$tansu_log"}
+}
+trap cleanup EXIT
+if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  echo "installing tansu $TANSU_VERSION in the background (log: $tansu_install_log)"
+  nice -n 5 cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked \
+    >"$tansu_install_log" 2>&1 &
+  tansu_install=$!
 fi
 
 echo "== tier 1: unit and property tests"
@@ -34,12 +58,15 @@ echo "== bad input: 1,000,000 fuzzed records through the decoder"
 KAFKA_BATCH_FUZZ_CASES=1000000 cargo test --release --test decode_fuzz -- --nocapture
 
 echo "== tier 3: reliability on a real broker (tansu)"
-TANSU_VERSION=0.6.0
-if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-  echo "installing tansu $TANSU_VERSION (once; about 12 minutes on 2 cores)"
-  cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked
+if [ -n "$tansu_install" ]; then
+  echo "waiting for the tansu install to finish"
+  if ! wait "$tansu_install"; then
+    cat "$tansu_install_log"
+    echo "installing tansu failed (log above)"
+    exit 1
+  fi
+  tansu_install=
 fi
-export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --example group_member
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 tansu_log=$(mktemp)
@@ -48,12 +75,6 @@ tansu broker \
   --advertised-listener-url "tcp://127.0.0.1:$port" \
   --storage-engine memory://tansu/ >"$tansu_log" 2>&1 &
 tansu_pid=$!
-stop_tansu() {
-  kill -TERM "$tansu_pid" 2>/dev/null || true
-  wait "$tansu_pid" 2>/dev/null || true
-  rm -f "$tansu_log"
-}
-trap stop_tansu EXIT
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   kill -0 "$tansu_pid" 2>/dev/null || { cat "$tansu_log"; echo "tansu did not start"; exit 1; }
