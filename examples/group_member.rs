@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         "assigned": stats.assigned,
         "revoked": stats.revoked,
         "pauses": stats.pauses,
+        "offset_gaps": stats.offset_gaps,
     });
     say(&format!("stats {line}"));
     result.context("the consumer stopped with an error")

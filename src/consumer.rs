@@ -16,6 +16,7 @@
 
 mod batch;
 mod forward;
+mod gaps;
 mod policy;
 mod poller;
 mod rebalance;
@@ -418,6 +419,11 @@ pub struct ConsumerStats {
     pub dead_lettered: u64,
     /// Failed or undecodable records skipped (policy `skip`).
     pub failed_skipped: u64,
+    /// Times the broker returned a record past the one the consumer
+    /// expected: the records between were not delivered (a compacted topic
+    /// or transaction markers explain this; otherwise the broker skipped
+    /// records). Each one is also logged as a warning naming the offsets.
+    pub offset_gaps: u64,
 }
 
 #[derive(Default)]
@@ -435,6 +441,7 @@ struct StatsCounters {
     retry_topic: AtomicU64,
     dead_lettered: AtomicU64,
     failed_skipped: AtomicU64,
+    offset_gaps: AtomicU64,
 }
 
 impl StatsCounters {
@@ -454,6 +461,7 @@ impl StatsCounters {
             retry_topic: get(&self.retry_topic),
             dead_lettered: get(&self.dead_lettered),
             failed_skipped: get(&self.failed_skipped),
+            offset_gaps: get(&self.offset_gaps),
         }
     }
 }
@@ -489,6 +497,7 @@ impl Shared {
                 seeks: Vec::new(),
                 backoff: HashMap::new(),
                 redeliveries: Vec::new(),
+                expectations: Vec::new(),
             }),
             stopping: AtomicBool::new(false),
             rebalance_epoch: AtomicU64::new(0),
@@ -553,6 +562,9 @@ struct PollerState {
     backoff: HashMap<TopicPartition, Instant>,
     /// Partitions to be read again after a rewind, for the poller to take.
     redeliveries: Vec<(TopicPartition, Redelivery)>,
+    /// Where partitions continue after an assignment or a seek, for the
+    /// poller's gap guard to take.
+    expectations: Vec<gaps::Expectation>,
 }
 
 /// A batch handed to the runner: which ranges it holds.

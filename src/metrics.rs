@@ -55,6 +55,7 @@ pub(crate) struct ConsumerMetrics {
     pub revokes: Counter,
     pub rebalance_errors: Counter,
     pub paused: Gauge,
+    pub offset_gaps: Counter,
     service: String,
 }
 
@@ -76,6 +77,7 @@ impl ConsumerMetrics {
             revokes: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "revoke"),
             rebalance_errors: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "error"),
             paused: gauge!("kafka_batch_paused", "service" => svc.clone()),
+            offset_gaps: counter!("kafka_batch_offset_gaps_total", "service" => svc.clone()),
             service: svc,
         }
     }

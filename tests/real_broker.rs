@@ -23,6 +23,9 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::{assert_no_commit_ahead, produce, real_broker, report, wait_until, Rng, Run};
+use kafka_batch::{Message, Producer, ProducerSettings};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Records of the group and crash runs.
 const RECORDS: usize = 200_000;
@@ -242,6 +245,14 @@ async fn sigterm_mid_batch_finishes_commits_and_hands_over_exactly() {
     run.wait_all_committed(Duration::from_secs(120)).await;
     second.terminate();
     assert!(second.wait_exit(Duration::from_secs(60)).await.success());
+    for member in [&first, &second] {
+        let stats = member.stats();
+        assert_eq!(
+            stats["offset_gaps"].as_u64(),
+            Some(0),
+            "the broker returned every record ({stats})"
+        );
+    }
     let handled = run.handled();
     assert!(handled.missing(COUNT).is_empty(), "every id handled");
     assert_eq!(
@@ -276,6 +287,11 @@ async fn handler_slower_than_max_poll_interval_keeps_its_partitions() {
     assert!(member.wait_exit(Duration::from_secs(60)).await.success());
 
     let stats = member.stats();
+    assert_eq!(
+        stats["offset_gaps"].as_u64(),
+        Some(0),
+        "the broker returned every record ({stats})"
+    );
     let handled = run.handled();
     assert!(handled.missing(COUNT).is_empty(), "every id handled");
     assert_eq!(handled.duplicates(), 0, "nothing handled twice");
@@ -371,4 +387,76 @@ async fn memory_stays_bounded_with_a_million_record_backlog() {
     report(&format!(
         "memory: {backlog} records waiting, slow handler (100 ms a batch of 500): peak RSS {peak_mib} MiB with the default buffers (16 MiB prefetch queue, 16 MiB fetch) after {handled} handled ({backlog_left} still waiting), {small_peak_mib} MiB with 4 MiB and 4 MiB; bound {BOUND_MIB} MiB"
     ));
+}
+
+/// The gap guard on a broker that skips records: tansu 0.6.0 answers a
+/// fetch from inside a stored record batch with the next batch. A group
+/// whose commit falls inside a batch resumes past records it never gets,
+/// and the consumer must say so (a warning naming the offsets, and
+/// `ConsumerStats::offset_gaps`) instead of moving on silently. Against a
+/// broker that returns what it is asked for, it must report nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_the_broker_skips_are_reported() {
+    let Some(bootstrap) = real_broker("records_the_broker_skips_are_reported") else {
+        return;
+    };
+    let mut run = Run::new(&bootstrap, "rb-gap", 1).await;
+    // 2,000 records in batches of 100, as a producer with linger writes them.
+    let mut settings = ProducerSettings::new(&bootstrap);
+    settings.kafka.set("batch.num.messages", "100");
+    settings.kafka.set("linger.ms", "100");
+    let producer = Producer::new(&settings).expect("producer");
+    let records: Vec<Message> = (0..2_000)
+        .map(|i| Message::new(harness::id_of(i), serde_json::json!({ "n": i })))
+        .collect();
+    producer
+        .produce_batch(&run.topic, &records)
+        .await
+        .expect("delivered");
+    producer.close().await.expect("flushed");
+    // The group has handled up to 150: its commit falls inside a batch.
+    tokio::task::block_in_place(|| {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &run.group)
+            .create()
+            .expect("committer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&run.topic, 0, Offset::Offset(150))
+            .expect("offset");
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .expect("commit at 150");
+    });
+
+    let mut member = run.start_member(&[]);
+    run.wait_all_committed(Duration::from_secs(60)).await;
+    member.terminate();
+    assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+    let stats = member.stats();
+    let gaps = stats["offset_gaps"].as_u64().unwrap_or(0);
+    let first = run
+        .handled()
+        .by_member
+        .values()
+        .flatten()
+        .map(|(_, offset, _)| *offset)
+        .min();
+    if first == Some(150) {
+        assert_eq!(gaps, 0, "no gap, none reported ({stats})");
+        report("gap guard: the broker resumed exactly at the committed offset; no gap reported");
+    } else {
+        let warning = std::fs::read_to_string(run.dir.join("member-1.stderr")).unwrap_or_default();
+        assert!(
+            gaps >= 1,
+            "the broker skipped 150..{first:?} and the consumer said so ({stats})"
+        );
+        assert!(
+            warning.contains("where 150 was expected"),
+            "the warning names the offset the group expected"
+        );
+        report(&format!(
+            "gap guard: resuming a group at its committed offset 150, tansu returned offset {first:?} first; the consumer reported {gaps} gap(s), with a warning naming the offsets"
+        ));
+    }
 }

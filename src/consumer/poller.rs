@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{Batch, BatchBuilder, Seen};
+use super::gaps::{Expectation, Gap, GapGuard};
 use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
 use super::{InFlight, PendingSeek, PollerState, Redelivery, Shared};
@@ -70,11 +71,14 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let mut failure: Option<Error> = None;
     // Since when a batch has been ready with no room for it in the channel.
     let mut full_since: Option<Instant> = None;
+    // Checks that the broker returns every record from where it was asked to.
+    let mut gaps = GapGuard::default();
 
     let outcome = loop {
         {
             let mut st = shared.lock();
             st.drain(&consumer, &shared);
+            take_expectations(&mut gaps, &mut st);
             if retry_commit_at.is_none_or(|at| Instant::now() >= at) {
                 retry_commit_at = commit_finished(&consumer, &mut st, &shared)
                     .err()
@@ -133,7 +137,9 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         let current = shared.rebalance_epoch.load(Ordering::Acquire);
         if current != epoch {
             epoch = current;
-            let st = shared.lock();
+            let mut st = shared.lock();
+            take_expectations(&mut gaps, &mut st);
+            gaps.retain(|tp, generation| st.tracker.generation(tp) == Some(generation));
             builder.drop_stale(&st.tracker);
             ready.retain_mut(|b| b.drop_stale(&st.tracker));
         }
@@ -157,6 +163,9 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                 };
                 if let Some(seen) = seen {
                     let record = super::raw_record(&m);
+                    if let Some(gap) = gaps.observe(record.topic, record.partition, record.offset) {
+                        report_gap(&shared, record.topic, record.partition, &gap);
+                    }
                     if let Some(full) = builder.make_room(&record, Instant::now()) {
                         ready.push_back(full);
                     }
@@ -207,6 +216,37 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     shared.lock().inbox = None;
     tracing::info!("consumer closed");
     outcome.and(committed)
+}
+
+/// Hands the gap guard where partitions continue (after an assignment or a
+/// seek), for the partitions still held in that generation.
+fn take_expectations(gaps: &mut GapGuard, st: &mut PollerState) {
+    if st.expectations.is_empty() {
+        return;
+    }
+    let tracker = &st.tracker;
+    gaps.expect(
+        st.expectations
+            .drain(..)
+            .filter(|e| tracker.generation(&e.tp) == Some(e.generation)),
+    );
+}
+
+/// Says that the broker skipped records: a warning naming them, a metric
+/// and a counter. The commit still moves past them, as it must for
+/// compacted topics and transaction markers, which look the same.
+fn report_gap(shared: &Shared, topic: &str, partition: i32, gap: &Gap) {
+    shared.metrics.offset_gaps.increment(1);
+    shared.stats.offset_gaps.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        topic,
+        partition,
+        missing = %format_args!("{}..{}", gap.first, gap.end),
+        "the broker returned offset {} where {} was expected: {} offsets were not delivered (expected on a compacted topic or after transaction markers; otherwise the broker skipped records)",
+        gap.end,
+        gap.first,
+        gap.end - gap.first
+    );
 }
 
 /// Sends ready batches to the runner while the channel has room.
@@ -376,6 +416,11 @@ fn seek_back(consumer: &BaseConsumer<PollerContext>, st: &mut PollerState) {
         match sought {
             Ok(()) => {
                 tracing::debug!(partition = %seek.tp, offset = seek.offset, "partition sought back, paused until the retry is due");
+                st.expectations.push(Expectation {
+                    tp: seek.tp.clone(),
+                    generation: seek.generation,
+                    next: Some(seek.offset),
+                });
                 st.backoff.insert(seek.tp, seek.due);
             }
             Err(e) => {

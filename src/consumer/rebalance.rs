@@ -6,13 +6,15 @@
 //! partitions: a later result for them is dropped by the generation check,
 //! so this consumer never commits for a partition it no longer owns.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::gaps::Expectation;
 use super::poller::commit_finished;
 use super::Shared;
 use crate::offsets::TopicPartition;
@@ -33,7 +35,7 @@ impl ClientContext for PollerContext {}
 impl ConsumerContext for PollerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.assign(tpl),
+            Rebalance::Assign(tpl) => self.assign(consumer, tpl),
             Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
             Rebalance::Error(e) => {
                 self.shared.metrics.rebalance_errors.increment(1);
@@ -66,6 +68,34 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
+/// How long the assign callback waits for the group's committed offsets.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The committed offsets the new partitions resume from: librdkafka reads
+/// them too, to start fetching; the gap guard checks the broker returns
+/// records from there. Unknown (left out) when there is no commit yet or
+/// the coordinator does not answer: the guard then starts at the first
+/// record it sees.
+fn committed_starts(
+    consumer: &BaseConsumer<PollerContext>,
+    tpl: &TopicPartitionList,
+) -> HashMap<TopicPartition, i64> {
+    match consumer.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT) {
+        Ok(committed) => committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the committed offsets of new partitions; the gap check starts at their first record");
+            HashMap::new()
+        }
+    }
+}
+
 fn names(tps: &[TopicPartition]) -> String {
     tps.iter()
         .map(ToString::to_string)
@@ -74,12 +104,18 @@ fn names(tps: &[TopicPartition]) -> String {
 }
 
 impl PollerContext {
-    fn assign(&self, tpl: &TopicPartitionList) {
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let tps = partitions(tpl);
+        let starts = committed_starts(consumer, tpl);
         let mut st = self.shared.lock();
         for tp in &tps {
             let generation = st.tracker.assign(tp.clone());
             self.shared.publish_generation(tp, Some(generation));
+            st.expectations.push(Expectation {
+                tp: tp.clone(),
+                generation,
+                next: starts.get(tp).copied(),
+            });
         }
         self.shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
         self.shared.metrics.assigns.increment(1);
