@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn a_partition_that_resumes_where_it_was_committed_has_no_gap() {
-        let (mut g, generation) = guard(Some(100));
+        let (mut g, _) = guard(Some(100));
         for offset in 100..110 {
             assert_eq!(g.observe("t", 0, offset), None);
         }
@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn a_first_record_past_the_committed_offset_is_a_gap() {
-        let (mut g, generation) = guard(Some(14_500));
+        let (mut g, _) = guard(Some(14_500));
         assert_eq!(
             g.observe("t", 0, 15_000),
             Some(Gap {
@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn a_jump_between_records_is_a_gap() {
-        let (mut g, generation) = guard(None);
+        let (mut g, _) = guard(None);
         assert_eq!(g.observe("t", 0, 7), None, "no start known");
         assert_eq!(g.observe("t", 0, 8), None);
         assert_eq!(g.observe("t", 0, 12), Some(Gap { first: 9, end: 12 }));
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn records_read_again_are_not_gaps_and_do_not_move_the_expectation_back() {
-        let (mut g, generation) = guard(Some(0));
+        let (mut g, _) = guard(Some(0));
         for offset in 0..10 {
             g.observe("t", 0, offset);
         }
