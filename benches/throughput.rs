@@ -5,7 +5,11 @@
 //! cargo bench --bench throughput                      # embedded broker in a child process
 //! BENCH_RECORDS=200000 cargo bench --bench throughput
 //! BENCH_BOOTSTRAP=127.0.0.1:9092 cargo bench --bench throughput   # any broker (topics auto-created)
+//! BENCH_JOBS=consume-library cargo bench --bench throughput       # one side only (for a profiler)
 //! ```
+//!
+//! `BENCH_JOBS` is a comma-separated list of `consume-raw`, `consume-library`,
+//! `produce` (default: all three).
 //!
 //! Reported per job: messages a second (wall) and CPU microseconds per
 //! message of this process (user + system, from /proc/self/stat), so the
@@ -354,27 +358,61 @@ fn main() -> anyhow::Result<()> {
         println!("broker {bootstrap}; {records} records of ~200 bytes; batches of {BATCH}");
         library_produce(&bootstrap, INPUT, &messages, 10_000).await?;
 
+        let jobs = std::env::var("BENCH_JOBS")
+            .unwrap_or_else(|_| "consume-raw,consume-library,produce".into());
+        let (want_raw, want_library) = (
+            jobs.contains("consume-raw"),
+            jobs.contains("consume-library"),
+        );
         let mut rounds = Vec::new();
         for round in 0..2 {
             let b = bootstrap.clone();
-            let raw = measure(async {
-                let group = format!("raw-{round}");
-                tokio::task::spawn_blocking(move || raw_consume(&b, &group, records)).await?
-            })
-            .await?;
-            let library = measure(library_consume(
-                &bootstrap,
-                &format!("library-{round}"),
-                records,
-            ))
-            .await?;
+            let raw = if want_raw {
+                Some(
+                    measure(async {
+                        let group = format!("raw-{round}");
+                        tokio::task::spawn_blocking(move || raw_consume(&b, &group, records))
+                            .await?
+                    })
+                    .await?,
+                )
+            } else {
+                None
+            };
+            let library = if want_library {
+                Some(
+                    measure(library_consume(
+                        &bootstrap,
+                        &format!("library-{round}"),
+                        records,
+                    ))
+                    .await?,
+                )
+            } else {
+                None
+            };
             rounds.push((raw, library));
         }
-        let (raw, library) = (
-            best(rounds[0].0, rounds[1].0),
-            best(rounds[0].1, rounds[1].1),
-        );
-        report("consume", raw, library, "kafka-batch");
+        match (rounds[0], rounds[1]) {
+            ((Some(r0), Some(l0)), (Some(r1), Some(l1))) => {
+                report("consume", best(r0, r1), best(l0, l1), "kafka-batch")
+            }
+            ((r0, l0), (r1, l1)) => {
+                for (label, m) in [("raw rdkafka", r0.zip(r1)), ("kafka-batch", l0.zip(l1))] {
+                    if let Some((a, b)) = m {
+                        let m = best(a, b);
+                        println!(
+                            "consume  {label:<14} {:>9.0} msg/s  {:>6.2} µs CPU/msg",
+                            m.rate(),
+                            m.cpu_us()
+                        );
+                    }
+                }
+            }
+        }
+        if !jobs.contains("produce") {
+            return Ok(());
+        }
 
         // Each library job against the hand-written loop that waits for the same thing.
         // A flush per batch is slow (librdkafka's flush waits in 10 ms steps):

@@ -380,6 +380,25 @@ pub fn unpack<T: DeserializeOwned>(
     record: RawRecord<'_>,
     topic: &Arc<str>,
 ) -> Result<Option<Message<T>>, DecodeError> {
+    unpack_sharing(record, topic, &mut LastHistory::default())
+}
+
+/// The history of the last record unpacked, for the next to share.
+///
+/// A producer's batch of records usually carries one history (same service,
+/// same packing time, and for origin records no refs), and consecutive
+/// records of a partition come from the same batch. A record whose `hist` is
+/// byte for byte the last one's shares its [`History`]: no copy, and no
+/// second run of the long-history check, whose answer could only be the same.
+#[derive(Default)]
+pub(crate) struct LastHistory(Option<History>);
+
+/// [`unpack`], sharing the history with the previous record when it is the same.
+pub(crate) fn unpack_sharing<T: DeserializeOwned>(
+    record: RawRecord<'_>,
+    topic: &Arc<str>,
+    last: &mut LastHistory,
+) -> Result<Option<Message<T>>, DecodeError> {
     let value = match record.value {
         None => return Ok(None),
         Some([]) => return Ok(None),
@@ -398,16 +417,23 @@ pub fn unpack<T: DeserializeOwned>(
     let (payload, raw_hist) = parse_envelope::<T>(value).map_err(fail)?;
     let hist = match raw_hist {
         None => None,
-        Some(raw) => match check_hist(raw) {
-            Ok(()) => Some(History::from_checked(raw)),
-            Err(reason) => {
-                tracing::warn!(
-                    record = %format_args!("{}:{}:{}:{}", record.topic, record.partition, record.offset, key),
-                    %reason,
-                    "message history dropped, the item is still delivered"
-                );
-                None
-            }
+        Some(raw) => match &last.0 {
+            Some(h) if h.raw_json() == Some(raw.get()) => Some(h.clone()),
+            _ => match check_hist(raw) {
+                Ok(()) => {
+                    let h = History::from_checked(raw);
+                    last.0 = Some(h.clone());
+                    Some(h)
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        record = %format_args!("{}:{}:{}:{}", record.topic, record.partition, record.offset, key),
+                        %reason,
+                        "message history dropped, the item is still delivered"
+                    );
+                    None
+                }
+            },
         },
     };
     let reference = Ref {

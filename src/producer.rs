@@ -190,6 +190,9 @@ impl Producer {
                 }
             }
         }
+        if batch.remaining.load(Ordering::Acquire) > 1 {
+            self.send_now();
+        }
         batch.sent_all().await;
         self.collect(topic, messages, &batch)
     }
@@ -268,6 +271,27 @@ impl Producer {
         self.inner.flush(timeout).map_err(Error::from)
     }
 
+    /// Has librdkafka send the records it holds now, instead of after
+    /// `linger.ms`.
+    ///
+    /// `linger.ms` is for gathering records from many sends into one
+    /// request; a batch is complete once its last record is sent, and its
+    /// caller waits for every delivery, so lingering only adds that wait to
+    /// each batch (5 ms by default: a large part of a batch's time). Only
+    /// `rd_kafka_flush` makes librdkafka skip the linger, and only while it
+    /// runs (`flush(0)` returns before the broker threads it wakes look), so it
+    /// runs for at most [`SEND_NOW_MS`] on a blocking thread. Records of
+    /// other batches queued meanwhile leave early too, which does no harm.
+    fn send_now(&self) {
+        let producer = self.inner.clone();
+        // Detached: it ends by itself within SEND_NOW_MS.
+        drop(tokio::task::spawn_blocking(move || {
+            // SAFETY: the pointer is the live client owned by `producer`,
+            // which this closure keeps alive until the call returns.
+            unsafe { rdkafka_sys::rd_kafka_flush(producer.client().native_ptr(), SEND_NOW_MS) };
+        }));
+    }
+
     /// Flushes (up to `producer.flush_timeout_ms`) and closes the producer.
     pub async fn close(self) -> Result<(), Error> {
         let timeout = self.flush_timeout;
@@ -297,6 +321,11 @@ fn is_oversized(e: &KafkaError) -> bool {
 }
 
 /// The delivery reports of one batch, filled in by librdkafka's thread.
+/// How long [`Producer::send_now`] keeps librdkafka's linger off: long enough
+/// for the woken broker threads to look (microseconds when the machine is not
+/// saturated), short enough to hold a blocking thread only briefly.
+const SEND_NOW_MS: i32 = 2;
+
 struct BatchDeliveries {
     results: Mutex<Vec<Option<Result<Delivery, RecordError>>>>,
     /// Records not yet reported, plus one until every record was sent.

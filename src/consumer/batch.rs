@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use super::policy::{Action, Chain, ChainState};
 use super::Shared;
 use crate::envelope::{
-    latest_only, unpack, BatchRef, DecodeError, Message, PartitionRange, RawRecord,
+    latest_only, unpack_sharing, BatchRef, DecodeError, LastHistory, Message, PartitionRange,
+    RawRecord,
 };
 use crate::failure::record::KeptRecord;
 use crate::offsets::{Generation, OffsetTracker, TopicPartition};
@@ -75,11 +76,15 @@ pub(crate) struct BatchRange {
     subscribed: bool,
 }
 
+/// Room made for a batch's messages up front, so a batch is not copied as
+/// it grows; larger batches grow past it.
+const MESSAGES_CAPACITY: usize = 1024;
+
 impl<T> Batch<T> {
-    fn empty(id: u64) -> Self {
+    fn empty(id: u64, capacity: usize) -> Self {
         Batch {
             id,
-            messages: Vec::new(),
+            messages: Vec::with_capacity(capacity.min(MESSAGES_CAPACITY)),
             ranges: Vec::new(),
             kept: Vec::new(),
             rejected: Vec::new(),
@@ -190,12 +195,14 @@ pub(crate) struct BatchBuilder<T> {
     keep_state: bool,
     /// ...including a copy of the record as read.
     keep_records: bool,
+    /// The last history read, for the next record to share.
+    last_history: LastHistory,
 }
 
 impl<T: DeserializeOwned> BatchBuilder<T> {
     pub fn new(settings: &ConsumerSettings) -> Self {
         BatchBuilder {
-            batch: Batch::empty(0),
+            batch: Batch::empty(0, settings.batch_size),
             bytes: 0,
             window_start: Instant::now(),
             next_id: 1,
@@ -210,6 +217,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             on_bad_record: OnBadRecord::Fail,
             keep_state: false,
             keep_records: false,
+            last_history: LastHistory::default(),
         }
     }
 
@@ -292,7 +300,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             }
         };
         let decoded = if range.subscribed {
-            unpack::<T>(record, &range.tp.topic)
+            unpack_sharing::<T>(record, &range.tp.topic, &mut self.last_history)
         } else {
             shared.metrics.skipped_unsubscribed.increment(1);
             Ok(None)
@@ -400,7 +408,10 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
 
     /// Takes the batch being built and starts the next.
     pub fn cut(&mut self, now: Instant) -> Batch<T> {
-        let mut batch = std::mem::replace(&mut self.batch, Batch::empty(self.next_id + 1));
+        let mut batch = std::mem::replace(
+            &mut self.batch,
+            Batch::empty(self.next_id + 1, self.batch_size),
+        );
         batch.id = self.next_id;
         self.next_id += 1;
         self.bytes = 0;

@@ -70,12 +70,17 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let mut failure: Option<Error> = None;
     // Since when a batch has been ready with no room for it in the channel.
     let mut full_since: Option<Instant> = None;
+    // The clock is read once a round, after the poll: reading it is a good
+    // part of the loop's own cost at high rates, and the round's other
+    // decisions do not need it fresher than that (a commit is the slowest
+    // thing between two readings).
+    let mut now = Instant::now();
 
     let outcome = loop {
         {
             let mut st = shared.lock();
             st.drain(&consumer, &shared);
-            if retry_commit_at.is_none_or(|at| Instant::now() >= at) {
+            if retry_commit_at.is_none_or(|at| now >= at) {
                 retry_commit_at = commit_finished(&consumer, &mut st, &shared)
                     .err()
                     .map(|_| Instant::now() + COMMIT_RETRY);
@@ -103,7 +108,6 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             if st.in_flight.is_empty() && (shutting_down || (draining && ready.is_empty())) {
                 break failure.take().map_or(Ok(()), Err);
             }
-            let now = Instant::now();
             let full = !shutting_down && !draining && !ready.is_empty();
             full_since = if full { full_since.or(Some(now)) } else { None };
             let waited = full_since.map_or(Duration::ZERO, |since| now.duration_since(since));
@@ -118,6 +122,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                     &consumer,
                     &shared,
                 );
+                now = Instant::now();
                 continue;
             }
         }
@@ -126,9 +131,10 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             if shared.stopping.load(Ordering::Acquire) || failure.is_some() || !ready.is_empty() {
                 MAX_POLL_WAIT
             } else {
-                builder.remaining(Instant::now()).min(MAX_POLL_WAIT)
+                builder.remaining(now).min(MAX_POLL_WAIT)
             };
         let polled = consumer.poll(wait);
+        now = Instant::now();
 
         let current = shared.rebalance_epoch.load(Ordering::Acquire);
         if current != epoch {
@@ -157,7 +163,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                 };
                 if let Some(seen) = seen {
                     let record = super::raw_record(&m);
-                    if let Some(full) = builder.make_room(&record, Instant::now()) {
+                    if let Some(full) = builder.make_room(&record, now) {
                         ready.push_back(full);
                     }
                     let generation = |tp: &TopicPartition| {
@@ -186,7 +192,6 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             },
         }
 
-        let now = Instant::now();
         if failure.is_some() {
             // Hand over what was read before the failure.
             if builder.has_records() {
