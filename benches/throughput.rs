@@ -173,6 +173,12 @@ async fn library_consume(bootstrap: &str, group: &str, records: usize) -> anyhow
     let mut settings = ConsumerSettings::new(bootstrap, group, &[INPUT]);
     settings.batch_size = BATCH;
     settings.kafka.set("auto.offset.reset", "earliest");
+    if let Some(p) = std::env::var("BENCH_PREFETCH")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        settings.prefetch_batches = p;
+    }
     let consumer = Consumer::new(&settings)?;
     let handle = consumer.handle();
     let mut count = 0;

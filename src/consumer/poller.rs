@@ -149,7 +149,9 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // Stopping: a record still arriving is left for the next read.
             Some(Ok(_)) if failure.is_some() => {}
             Some(Ok(m)) => {
-                let seen = if retry_topic == Some(m.topic()) {
+                // Only a retry topic's records are looked at more closely
+                // (reading a record's topic name costs a strlen and a UTF-8 check).
+                let seen = if retry_topic.is_some_and(|t| t == m.topic()) {
                     // `None` when not due yet: its partition waits.
                     retry_record(&m, retry_topic_step, &shared)
                 } else {
