@@ -268,7 +268,7 @@ impl Producer {
     /// `timeout` passes. [`Producer::produce_batch`] already waits for its
     /// records; this is for records sent some other way.
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        self.inner.flush(timeout).map_err(Error::from)
+        flush(&self.inner, timeout).map_err(Error::from)
     }
 
     /// Has librdkafka send the records it holds now, instead of after
@@ -306,13 +306,34 @@ impl Drop for Producer {
         if self.inner.in_flight_count() == 0 {
             return;
         }
-        if let Err(e) = self.inner.flush(self.flush_timeout) {
+        if let Err(e) = flush(&self.inner, self.flush_timeout) {
             tracing::error!(
                 error = %e,
                 queued = self.inner.in_flight_count(),
                 "producer dropped with records still undelivered after flush_timeout_ms; they are lost (call close() and check its result)"
             );
         }
+    }
+}
+
+/// Waits until every queued record is delivered, or `timeout`.
+///
+/// rdkafka's own `flush` calls `rd_kafka_flush` with no wait and then polls
+/// in steps of up to 100 ms, while the producer's polling thread takes the
+/// delivery reports it waits for: a flush of a few records takes 100 ms.
+/// `rd_kafka_flush` with the whole timeout returns as soon as the last
+/// report is served (and sends without waiting `linger.ms` meanwhile).
+fn flush(
+    producer: &ThreadedProducer<DeliveryContext>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the pointer is the live client owned by `producer`, borrowed
+    // for the duration of the call.
+    let code = unsafe { rdkafka_sys::rd_kafka_flush(producer.client().native_ptr(), ms) };
+    match code {
+        rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        code => Err(KafkaError::Flush(code.into())),
     }
 }
 
