@@ -303,6 +303,37 @@ impl<T> Message<T> {
         }
     }
 
+    /// A consumed message with no id or refs yet: [`Message::set_source`]
+    /// fills them in.
+    pub(crate) fn consumed(payload: T, topic: &Arc<str>, partition: i32, offset: i64) -> Self {
+        Message {
+            id: String::new(),
+            payload,
+            refs: Vec::new(),
+            origin: Some(Origin {
+                topic: Arc::clone(topic),
+                partition,
+                offset,
+            }),
+        }
+    }
+
+    /// Sets a consumed message's id (the record key) and its one ref: the
+    /// record's coordinates and the history it carried.
+    pub(crate) fn set_source(&mut self, key: &str, hist: Option<History>) {
+        let Some(origin) = &self.origin else {
+            return;
+        };
+        self.id = key.to_owned();
+        self.refs = vec![Ref {
+            topic: origin.topic.to_string(),
+            partition: origin.partition,
+            offset: origin.offset,
+            key: Some(self.id.clone()),
+            hist,
+        }];
+    }
+
     /// Where this message was consumed from, or `None` for a message built in code.
     pub fn origin(&self) -> Option<&Origin> {
         self.origin.as_ref()
@@ -399,6 +430,31 @@ pub(crate) fn unpack_sharing<T: DeserializeOwned>(
     topic: &Arc<str>,
     last: &mut LastHistory,
 ) -> Result<Option<Message<T>>, DecodeError> {
+    let Some(parts) = unpack_parts(record, last)? else {
+        return Ok(None);
+    };
+    let mut message = Message::consumed(parts.payload, topic, record.partition, record.offset);
+    message.set_source(parts.key, parts.hist);
+    Ok(Some(message))
+}
+
+/// A decoded record before it becomes a [`Message`]: what the message is
+/// made of that is not in the record's coordinates.
+pub(crate) struct Unpacked<'a, T> {
+    /// The key, the message id.
+    pub key: &'a str,
+    /// The decoded `item`.
+    pub payload: T,
+    /// The checked `hist`, or `None` (missing, null, or cut by the guard).
+    pub hist: Option<History>,
+}
+
+/// Decodes a record (as [`unpack`]) without building the message, so the
+/// caller chooses where its id and ref are allocated.
+pub(crate) fn unpack_parts<'a, T: DeserializeOwned>(
+    record: RawRecord<'a>,
+    last: &mut LastHistory,
+) -> Result<Option<Unpacked<'a, T>>, DecodeError> {
     let value = match record.value {
         None => return Ok(None),
         Some([]) => return Ok(None),
@@ -436,23 +492,7 @@ pub(crate) fn unpack_sharing<T: DeserializeOwned>(
             },
         },
     };
-    let reference = Ref {
-        topic: record.topic.to_owned(),
-        partition: record.partition,
-        offset: record.offset,
-        key: Some(key.to_owned()),
-        hist,
-    };
-    Ok(Some(Message {
-        id: key.to_owned(),
-        payload,
-        refs: vec![reference],
-        origin: Some(Origin {
-            topic: Arc::clone(topic),
-            partition: record.partition,
-            offset: record.offset,
-        }),
-    }))
+    Ok(Some(Unpacked { key, payload, hist }))
 }
 
 /// Parses the envelope in one pass: the item straight into `T`, the history

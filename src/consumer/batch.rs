@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use super::policy::{Action, Chain, ChainState};
 use super::Shared;
 use crate::envelope::{
-    latest_only, unpack_sharing, BatchRef, DecodeError, LastHistory, Message, PartitionRange,
-    RawRecord,
+    latest_only, unpack_parts, BatchRef, DecodeError, History, LastHistory, Message,
+    PartitionRange, RawRecord,
 };
 use crate::failure::record::KeptRecord;
 use crate::offsets::{Generation, OffsetTracker, TopicPartition};
@@ -29,6 +29,24 @@ pub(crate) struct Batch<T> {
     pub kept: Vec<Kept>,
     /// Undecodable records bound for the dead-letter topic.
     pub rejected: Vec<Rejected>,
+    /// When not empty: the id and history of each message, in the order of
+    /// `messages`, which [`Batch::finish_messages`] puts into them.
+    deferred: Vec<Deferred>,
+    /// The keys of the deferred messages, end to end.
+    keys: String,
+}
+
+/// What a message still needs: its key (in [`Batch::keys`]) and history.
+///
+/// A message's id and ref take four allocations. Made on the poller thread
+/// and freed on the handler's, each goes through the allocator's shared
+/// arena (about a fifth of the consumer's CPU time per message); made on the
+/// handler's thread, which frees them, they come from its own cache. So the
+/// poller keeps the keys in one buffer per batch, and the runner builds ids
+/// and refs just before the handler runs.
+struct Deferred {
+    key: std::ops::Range<usize>,
+    hist: Option<History>,
 }
 
 /// What the failure policies need of one message once the handler has it.
@@ -88,7 +106,19 @@ impl<T> Batch<T> {
             ranges: Vec::new(),
             kept: Vec::new(),
             rejected: Vec::new(),
+            deferred: Vec::new(),
+            keys: String::new(),
         }
+    }
+
+    /// Gives each deferred message its id and ref (on the thread that will
+    /// hand it to the handler).
+    pub fn finish_messages(&mut self) {
+        let deferred = std::mem::take(&mut self.deferred);
+        for (m, d) in self.messages.iter_mut().zip(deferred) {
+            m.set_source(&self.keys[d.key], d.hist);
+        }
+        self.keys = String::new();
     }
 
     /// True when the runner has something to do: messages for the handler,
@@ -138,7 +168,17 @@ impl<T> Batch<T> {
                 .iter()
                 .any(|r| r.tp.partition == partition && &*r.tp.topic == topic)
         };
-        if self.kept.is_empty() {
+        if !self.deferred.is_empty() {
+            // `deferred` runs in step with `messages`: filter both.
+            let (messages, deferred): (Vec<Message<T>>, Vec<Deferred>) =
+                std::mem::take(&mut self.messages)
+                    .into_iter()
+                    .zip(std::mem::take(&mut self.deferred))
+                    .filter(|(m, _)| m.origin().is_none_or(|o| !gone(&o.topic, o.partition)))
+                    .unzip();
+            self.messages = messages;
+            self.deferred = deferred;
+        } else if self.kept.is_empty() {
             self.messages
                 .retain(|m| m.origin().is_none_or(|o| !gone(&o.topic, o.partition)));
         } else {
@@ -193,6 +233,9 @@ pub(crate) struct BatchBuilder<T> {
     keep_records: bool,
     /// The last history read, for the next record to share.
     last_history: LastHistory,
+    /// Leave ids and refs to the runner (see [`Deferred`]): not when the
+    /// builder itself needs the ids (latest-only, failure policies).
+    defer: bool,
 }
 
 impl<T: DeserializeOwned> BatchBuilder<T> {
@@ -214,6 +257,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             keep_state: false,
             keep_records: false,
             last_history: LastHistory::default(),
+            defer: !settings.latest_only,
         }
     }
 
@@ -228,6 +272,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         };
         self.keep_state = !chain.is_fail_only();
         self.keep_records = chain.keeps_records();
+        self.defer = self.defer && !self.keep_state;
         self
     }
 
@@ -296,7 +341,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
             }
         };
         let decoded = if range.subscribed {
-            unpack_sharing::<T>(record, &range.tp.topic, &mut self.last_history)
+            unpack_parts::<T>(record, &mut self.last_history)
         } else {
             shared.metrics.skipped_unsubscribed.increment(1);
             Ok(None)
@@ -339,7 +384,29 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
                     }
                 }
             }
-            Ok(Some(message)) => {
+            Ok(Some(parts)) if self.defer => {
+                let start = self.batch.keys.len();
+                self.batch.keys.push_str(parts.key);
+                self.batch.deferred.push(Deferred {
+                    key: start..self.batch.keys.len(),
+                    hist: parts.hist,
+                });
+                self.batch.messages.push(Message::consumed(
+                    parts.payload,
+                    &range.tp.topic,
+                    record.partition,
+                    record.offset,
+                ));
+                self.bytes += size;
+            }
+            Ok(Some(parts)) => {
+                let mut message = Message::consumed(
+                    parts.payload,
+                    &range.tp.topic,
+                    record.partition,
+                    record.offset,
+                );
+                message.set_source(parts.key, parts.hist);
                 if self.keep_state {
                     let raw = copy(&range.tp.topic);
                     self.batch.kept.push(Kept {
