@@ -481,6 +481,11 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         self.next_id += 1;
         self.bytes = 0;
         self.window_start = now;
+        // A batch shares histories only within itself: the runner drops its
+        // messages while this thread builds the next batch, and one shared
+        // reference count touched from both threads costs more than one
+        // history check and copy per batch.
+        self.last_history = LastHistory::default();
         if self.latest_only {
             if batch.kept.is_empty() {
                 batch.messages = latest_only(std::mem::take(&mut batch.messages));
