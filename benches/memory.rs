@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo bench --bench memory                                 # embedded broker in this process
 //! BENCH_BACKLOGS=100000,1000000 cargo bench --bench memory
-//! BENCH_BOOTSTRAP=127.0.0.1:9092 cargo bench --bench memory  # any broker (topics auto-created)
+//! BENCH_BOOTSTRAP=127.0.0.1:9092 cargo bench --bench memory  # any broker (topics created by the bench)
 //! ```
 //!
 //! The backlog is written first; then each consumer runs in a child process
@@ -21,6 +21,8 @@ use anyhow::{bail, Context};
 use kafka_batch::settings::CONSUMER_DEFAULTS;
 use kafka_batch::testing::EmbeddedBroker;
 use kafka_batch::{Consumer, ConsumerSettings, Message, Producer, ProducerSettings};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, Message as _};
@@ -141,6 +143,21 @@ fn raw_consume(bootstrap: &str, group: &str, topic: &str, records: usize) -> any
     }
 }
 
+/// Creates a topic on an outside broker (which may not create topics on first use).
+async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let new = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
+    for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
 fn run_child(kind: &str, bootstrap: &str, topic: &str, records: usize) -> anyhow::Result<String> {
     let out = Command::new(std::env::current_exe()?)
         .env("BENCH_MEMORY_CHILD", kind)
@@ -185,10 +202,11 @@ fn main() -> anyhow::Result<()> {
     let run_id = std::process::id();
     for &records in &backlogs {
         let topic = format!("bench-memory-{run_id}-{records}");
-        if let Some(broker) = &broker {
-            broker.create_topic(&topic, PARTITIONS)?;
-        }
         runtime.block_on(async {
+            match &broker {
+                Some(broker) => broker.create_topic(&topic, PARTITIONS)?,
+                None => create_topic(&bootstrap, &topic).await?,
+            }
             let mut settings = ProducerSettings::new(&bootstrap);
             settings.service = "bench".into();
             let producer = Producer::new(&settings)?;
