@@ -306,19 +306,37 @@ fn raw_produce(
     Ok(delivered)
 }
 
+/// `produce_batch` over `chunk`-record batches, with `lanes` (1 or 2) calls
+/// in flight: each call returns only when its records are delivered, so
+/// with one lane the broker's acknowledgement of each batch is a pause in
+/// the stream; with two, one batch is sent while the other is acknowledged.
 async fn library_produce(
     bootstrap: &str,
     topic: &str,
     messages: &[Message<Event>],
     chunk: usize,
+    lanes: usize,
 ) -> anyhow::Result<usize> {
     let mut settings = ProducerSettings::new(bootstrap);
     settings.service = "bench".into();
     let producer = Producer::new(&settings)?;
-    let mut delivered = 0;
-    for batch in messages.chunks(chunk) {
-        delivered += producer.produce_batch(topic, batch).await?.len();
-    }
+    let lanes = lanes.clamp(1, 2);
+    let lane = |first: usize| {
+        let producer = &producer;
+        async move {
+            let mut delivered = 0;
+            for batch in messages.chunks(chunk).skip(first).step_by(lanes) {
+                delivered += producer.produce_batch(topic, batch).await?.len();
+            }
+            anyhow::Ok(delivered)
+        }
+    };
+    let delivered = if lanes == 1 {
+        lane(0).await?
+    } else {
+        let (a, b) = tokio::join!(lane(0), lane(1));
+        a? + b?
+    };
     producer.close().await?;
     Ok(delivered)
 }
@@ -394,7 +412,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let messages: Vec<Message<Event>> = (0..records).map(event).collect();
         println!("broker {bootstrap}; {records} records of ~200 bytes; batches of {BATCH}");
-        library_produce(&bootstrap, INPUT, &messages, 10_000).await?;
+        library_produce(&bootstrap, INPUT, &messages, 10_000, 2).await?;
 
         let jobs = std::env::var("BENCH_JOBS")
             .unwrap_or_else(|_| "consume-raw,consume-library,produce".into());
@@ -454,9 +472,20 @@ fn main() -> anyhow::Result<()> {
         // Each library job against the hand-written loop that waits for the same thing.
         // A batch of 500 waits for its deliveries (a round trip) before the
         // next is sent: that job runs on at most 100,000 records.
-        for (raw_chunk, library_chunk, label) in [
-            (usize::MAX, 10_000, "one flush at the end / batches of 10k"),
-            (BATCH, BATCH, "a flush every 500 / batches of 500"),
+        for (raw_chunk, library_chunk, lanes, label) in [
+            (
+                usize::MAX,
+                10_000,
+                2,
+                "one flush at the end / batches of 10k, two in flight",
+            ),
+            (
+                usize::MAX,
+                10_000,
+                1,
+                "one flush at the end / batches of 10k, one at a time",
+            ),
+            (BATCH, BATCH, 1, "a flush every 500 / batches of 500"),
         ] {
             let count = if raw_chunk == BATCH {
                 records.min(100_000)
@@ -479,6 +508,7 @@ fn main() -> anyhow::Result<()> {
                     "bench-lib-out",
                     messages,
                     library_chunk,
+                    lanes,
                 ))
                 .await?;
                 rounds.push((raw, library));
