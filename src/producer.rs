@@ -284,12 +284,18 @@ impl Producer {
     /// other batches queued meanwhile leave early too, which does no harm.
     fn send_now(&self) {
         let producer = self.inner.clone();
-        // Detached: it ends by itself within SEND_NOW_MS.
-        drop(tokio::task::spawn_blocking(move || {
+        let flush = move || {
             // SAFETY: the pointer is the live client owned by `producer`,
             // which this closure keeps alive until the call returns.
             unsafe { rdkafka_sys::rd_kafka_flush(producer.client().native_ptr(), SEND_NOW_MS) };
-        }));
+        };
+        // Detached: it ends by itself within SEND_NOW_MS. Outside a tokio
+        // runtime (produce_batch polled by another executor) a plain thread
+        // does it; if none can be started the records just linger.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(flush)),
+            Err(_) => drop(std::thread::Builder::new().spawn(flush)),
+        }
     }
 
     /// Flushes (up to `producer.flush_timeout_ms`) and closes the producer.
