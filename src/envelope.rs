@@ -303,6 +303,37 @@ impl<T> Message<T> {
         }
     }
 
+    /// A consumed message with no id or refs yet: [`Message::set_source`]
+    /// fills them in.
+    pub(crate) fn consumed(payload: T, topic: &Arc<str>, partition: i32, offset: i64) -> Self {
+        Message {
+            id: String::new(),
+            payload,
+            refs: Vec::new(),
+            origin: Some(Origin {
+                topic: Arc::clone(topic),
+                partition,
+                offset,
+            }),
+        }
+    }
+
+    /// Sets a consumed message's id (the record key) and its one ref: the
+    /// record's coordinates and the history it carried.
+    pub(crate) fn set_source(&mut self, key: &str, hist: Option<History>) {
+        let Some(origin) = &self.origin else {
+            return;
+        };
+        self.id = key.to_owned();
+        self.refs = vec![Ref {
+            topic: origin.topic.to_string(),
+            partition: origin.partition,
+            offset: origin.offset,
+            key: Some(self.id.clone()),
+            hist,
+        }];
+    }
+
     /// Where this message was consumed from, or `None` for a message built in code.
     pub fn origin(&self) -> Option<&Origin> {
         self.origin.as_ref()
@@ -380,6 +411,50 @@ pub fn unpack<T: DeserializeOwned>(
     record: RawRecord<'_>,
     topic: &Arc<str>,
 ) -> Result<Option<Message<T>>, DecodeError> {
+    unpack_sharing(record, topic, &mut LastHistory::default())
+}
+
+/// The history of the last record unpacked, for the next to share.
+///
+/// A producer's batch of records usually carries one history (same service,
+/// same packing time, and for origin records no refs), and consecutive
+/// records of a partition come from the same batch. A record whose `hist` is
+/// byte for byte the last one's shares its [`History`]: no copy, and no
+/// second run of the long-history check, whose answer could only be the same.
+#[derive(Default)]
+pub(crate) struct LastHistory(Option<History>);
+
+/// [`unpack`], sharing the history with the previous record when it is the same.
+pub(crate) fn unpack_sharing<T: DeserializeOwned>(
+    record: RawRecord<'_>,
+    topic: &Arc<str>,
+    last: &mut LastHistory,
+) -> Result<Option<Message<T>>, DecodeError> {
+    let Some(parts) = unpack_parts(record, last)? else {
+        return Ok(None);
+    };
+    let mut message = Message::consumed(parts.payload, topic, record.partition, record.offset);
+    message.set_source(parts.key, parts.hist);
+    Ok(Some(message))
+}
+
+/// A decoded record before it becomes a [`Message`]: what the message is
+/// made of that is not in the record's coordinates.
+pub(crate) struct Unpacked<'a, T> {
+    /// The key, the message id.
+    pub key: &'a str,
+    /// The decoded `item`.
+    pub payload: T,
+    /// The checked `hist`, or `None` (missing, null, or cut by the guard).
+    pub hist: Option<History>,
+}
+
+/// Decodes a record (as [`unpack`]) without building the message, so the
+/// caller chooses where its id and ref are allocated.
+pub(crate) fn unpack_parts<'a, T: DeserializeOwned>(
+    record: RawRecord<'a>,
+    last: &mut LastHistory,
+) -> Result<Option<Unpacked<'a, T>>, DecodeError> {
     let value = match record.value {
         None => return Ok(None),
         Some([]) => return Ok(None),
@@ -398,35 +473,26 @@ pub fn unpack<T: DeserializeOwned>(
     let (payload, raw_hist) = parse_envelope::<T>(value).map_err(fail)?;
     let hist = match raw_hist {
         None => None,
-        Some(raw) => match check_hist(raw) {
-            Ok(()) => Some(History::from_checked(raw)),
-            Err(reason) => {
-                tracing::warn!(
-                    record = %format_args!("{}:{}:{}:{}", record.topic, record.partition, record.offset, key),
-                    %reason,
-                    "message history dropped, the item is still delivered"
-                );
-                None
-            }
+        Some(raw) => match &last.0 {
+            Some(h) if h.raw_json() == Some(raw.get()) => Some(h.clone()),
+            _ => match check_hist(raw) {
+                Ok(()) => {
+                    let h = History::from_checked(raw);
+                    last.0 = Some(h.clone());
+                    Some(h)
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        record = %format_args!("{}:{}:{}:{}", record.topic, record.partition, record.offset, key),
+                        %reason,
+                        "message history dropped, the item is still delivered"
+                    );
+                    None
+                }
+            },
         },
     };
-    let reference = Ref {
-        topic: record.topic.to_owned(),
-        partition: record.partition,
-        offset: record.offset,
-        key: Some(key.to_owned()),
-        hist,
-    };
-    Ok(Some(Message {
-        id: key.to_owned(),
-        payload,
-        refs: vec![reference],
-        origin: Some(Origin {
-            topic: Arc::clone(topic),
-            partition: record.partition,
-            offset: record.offset,
-        }),
-    }))
+    Ok(Some(Unpacked { key, payload, hist }))
 }
 
 /// Parses the envelope in one pass: the item straight into `T`, the history
@@ -683,6 +749,9 @@ impl<'de> Visitor<'de> for RefSeed {
 /// strings. Consuming a record costs this check; the history is built only
 /// when someone looks at it.
 fn check_hist(raw: &RawValue) -> Result<(), HistDropped> {
+    if scan::plainly_valid(raw.get().as_bytes()) {
+        return Ok(());
+    }
     let mut de = serde_json::Deserializer::from_str(raw.get());
     de.disable_recursion_limit();
     let checked = CheckHist { depth: 1 }
@@ -1185,6 +1254,8 @@ pub fn stage_latencies(
         total_seconds: seconds(origin_end, now),
     })
 }
+
+mod scan;
 
 #[cfg(test)]
 mod tests;

@@ -190,6 +190,9 @@ impl Producer {
                 }
             }
         }
+        if batch.remaining.load(Ordering::Acquire) > 1 {
+            self.send_now();
+        }
         batch.sent_all().await;
         self.collect(topic, messages, &batch)
     }
@@ -265,7 +268,34 @@ impl Producer {
     /// `timeout` passes. [`Producer::produce_batch`] already waits for its
     /// records; this is for records sent some other way.
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        self.inner.flush(timeout).map_err(Error::from)
+        flush(&self.inner, timeout).map_err(Error::from)
+    }
+
+    /// Has librdkafka send the records it holds now, instead of after
+    /// `linger.ms`.
+    ///
+    /// `linger.ms` is for gathering records from many sends into one
+    /// request; a batch is complete once its last record is sent, and its
+    /// caller waits for every delivery, so lingering only adds that wait to
+    /// each batch (5 ms by default: a large part of a batch's time). Only
+    /// `rd_kafka_flush` makes librdkafka skip the linger, and only while it
+    /// runs (`flush(0)` returns before the broker threads it wakes look), so it
+    /// runs for at most [`SEND_NOW_MS`] on a blocking thread. Records of
+    /// other batches queued meanwhile leave early too, which does no harm.
+    fn send_now(&self) {
+        let producer = self.inner.clone();
+        let flush = move || {
+            // SAFETY: the pointer is the live client owned by `producer`,
+            // which this closure keeps alive until the call returns.
+            unsafe { rdkafka_sys::rd_kafka_flush(producer.client().native_ptr(), SEND_NOW_MS) };
+        };
+        // Detached: it ends by itself within SEND_NOW_MS. Outside a tokio
+        // runtime (produce_batch polled by another executor) a plain thread
+        // does it; if none can be started the records just linger.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(flush)),
+            Err(_) => drop(std::thread::Builder::new().spawn(flush)),
+        }
     }
 
     /// Flushes (up to `producer.flush_timeout_ms`) and closes the producer.
@@ -282,7 +312,7 @@ impl Drop for Producer {
         if self.inner.in_flight_count() == 0 {
             return;
         }
-        if let Err(e) = self.inner.flush(self.flush_timeout) {
+        if let Err(e) = flush(&self.inner, self.flush_timeout) {
             tracing::error!(
                 error = %e,
                 queued = self.inner.in_flight_count(),
@@ -292,9 +322,35 @@ impl Drop for Producer {
     }
 }
 
+/// Waits until every queued record is delivered, or `timeout`.
+///
+/// rdkafka's own `flush` calls `rd_kafka_flush` with no wait and then polls
+/// in steps of up to 100 ms, while the producer's polling thread takes the
+/// delivery reports it waits for: a flush of a few records takes 100 ms.
+/// `rd_kafka_flush` with the whole timeout returns as soon as the last
+/// report is served (and sends without waiting `linger.ms` meanwhile).
+fn flush(
+    producer: &ThreadedProducer<DeliveryContext>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the pointer is the live client owned by `producer`, borrowed
+    // for the duration of the call.
+    let code = unsafe { rdkafka_sys::rd_kafka_flush(producer.client().native_ptr(), ms) };
+    match code {
+        rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        code => Err(KafkaError::Flush(code.into())),
+    }
+}
+
 fn is_oversized(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
 }
+
+/// How long [`Producer::send_now`] keeps librdkafka's linger off: long enough
+/// for the woken broker threads to look (microseconds when the machine is not
+/// saturated), short enough to hold a blocking thread only briefly.
+const SEND_NOW_MS: i32 = 2;
 
 /// The delivery reports of one batch, filled in by librdkafka's thread.
 struct BatchDeliveries {

@@ -73,13 +73,18 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let mut full_since: Option<Instant> = None;
     // Checks that the broker returns every record from where it was asked to.
     let mut gaps = GapGuard::default();
+    // The clock is read once a round, after the poll: reading it is a good
+    // part of the loop's own cost at high rates, and the round's other
+    // decisions do not need it fresher than that (a commit is the slowest
+    // thing between two readings).
+    let mut now = Instant::now();
 
     let outcome = loop {
         {
             let mut st = shared.lock();
             st.drain(&consumer, &shared);
             take_expectations(&mut gaps, &mut st);
-            if retry_commit_at.is_none_or(|at| Instant::now() >= at) {
+            if retry_commit_at.is_none_or(|at| now >= at) {
                 retry_commit_at = commit_finished(&consumer, &mut st, &shared)
                     .err()
                     .map(|_| Instant::now() + COMMIT_RETRY);
@@ -107,7 +112,6 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             if st.in_flight.is_empty() && (shutting_down || (draining && ready.is_empty())) {
                 break failure.take().map_or(Ok(()), Err);
             }
-            let now = Instant::now();
             let full = !shutting_down && !draining && !ready.is_empty();
             full_since = if full { full_since.or(Some(now)) } else { None };
             let waited = full_since.map_or(Duration::ZERO, |since| now.duration_since(since));
@@ -122,6 +126,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                     &consumer,
                     &shared,
                 );
+                now = Instant::now();
                 continue;
             }
         }
@@ -130,9 +135,10 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             if shared.stopping.load(Ordering::Acquire) || failure.is_some() || !ready.is_empty() {
                 MAX_POLL_WAIT
             } else {
-                builder.remaining(Instant::now()).min(MAX_POLL_WAIT)
+                builder.remaining(now).min(MAX_POLL_WAIT)
             };
         let polled = consumer.poll(wait);
+        now = Instant::now();
 
         let current = shared.rebalance_epoch.load(Ordering::Acquire);
         if current != epoch {
@@ -149,7 +155,9 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // Stopping: a record still arriving is left for the next read.
             Some(Ok(_)) if failure.is_some() => {}
             Some(Ok(m)) => {
-                let seen = if retry_topic == Some(m.topic()) {
+                // Only a retry topic's records are looked at more closely
+                // (reading a record's topic name costs a strlen and a UTF-8 check).
+                let seen = if retry_topic.is_some_and(|t| t == m.topic()) {
                     // `None` when not due yet: its partition waits.
                     retry_record(&m, retry_topic_step, &shared)
                 } else {
@@ -166,7 +174,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                     if let Some(gap) = gaps.observe(record.topic, record.partition, record.offset) {
                         report_gap(&shared, record.topic, record.partition, &gap);
                     }
-                    if let Some(full) = builder.make_room(&record, Instant::now()) {
+                    if let Some(full) = builder.make_room(&record, now) {
                         ready.push_back(full);
                     }
                     let generation = |tp: &TopicPartition| {
@@ -195,7 +203,6 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             },
         }
 
-        let now = Instant::now();
         if failure.is_some() {
             // Hand over what was read before the failure.
             if builder.has_records() {

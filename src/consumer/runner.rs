@@ -79,6 +79,7 @@ impl<'s> Runner<'s> {
             self.tell(ToPoller::Finished { batch: id });
             return Ok(());
         }
+        batch.finish_messages();
         let batch_ref = batch.batch_ref().to_string();
         let Batch {
             messages,

@@ -397,7 +397,50 @@ proptest! {
         let checked = check_hist(&raw);
         let parsed = parse_hist(&raw);
         prop_assert_eq!(checked.is_ok(), parsed.is_ok(), "check {:?} parse {:?}", checked.err(), parsed.err());
+        // The quick scan only ever vouches for what the parser accepts.
+        if super::scan::plainly_valid(raw.get().as_bytes()) {
+            prop_assert!(parsed.is_ok(), "scan accepted what the parser refuses: {:?}", parsed.err());
+        }
     }
+
+    /// Histories as kafka-batch and the Python wrapper write them pass the
+    /// quick scan, so the full check is the exception.
+    #[test]
+    fn written_histories_pass_the_quick_scan(r in a_ref()) {
+        let text = serde_json::to_string(&Hist { svc: "svc".into(), dt: "2026-11-22T09:34:06+00:00".into(), refs: vec![r] }).unwrap();
+        if !text.contains('\\') {
+            prop_assert!(super::scan::plainly_valid(text.as_bytes()), "{}", text);
+        }
+    }
+}
+
+#[test]
+fn the_quick_scan_leaves_the_unusual_to_the_full_check() {
+    let plain = r#"{"svc": "a", "dt": null, "x": [1, {"y": "}"}], "refs": [{"topic": "t", "partition": -3, "offset": 9223372036854775807, "key": null, "hist": {"svc": "b", "dt": "d", "refs": []}}]}"#;
+    assert!(scan::plainly_valid(plain.as_bytes()));
+    for unusual in [
+        r#"{"svc": "a\"b"}"#,
+        r#"{"refs": {"topic": "t"}}"#,
+        r#"{"refs": [{"partition": 2147483648}]}"#,
+        r#"{"refs": [{"partition": 1.0}]}"#,
+        r#"{"refs": [{"offset": -0}]}"#,
+        r#"{"refs": [{"offset": 9223372036854775808}]}"#,
+        r#"{"refs": [{"topic": 1}]}"#,
+        r#"{"refs": [7]}"#,
+        r#"{"svc": 1}"#,
+        r#"{"refs": "x"}"#,
+        r#"[]"#,
+    ] {
+        assert!(!scan::plainly_valid(unusual.as_bytes()), "{unusual}");
+    }
+    let mut deep = "null".to_string();
+    for _ in 0..MAX_HIST_DEPTH - 1 {
+        deep = format!(r#"{{"refs": [{{"hist": {deep}}}]}}"#);
+    }
+    assert!(
+        !scan::plainly_valid(deep.as_bytes()),
+        "near the limit the full check decides"
+    );
 }
 
 #[test]
