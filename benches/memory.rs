@@ -15,7 +15,7 @@
 
 use std::hint::black_box;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kafka_batch::settings::CONSUMER_DEFAULTS;
@@ -23,12 +23,12 @@ use kafka_batch::testing::EmbeddedBroker;
 use kafka_batch::{Consumer, ConsumerSettings, Message, Producer, ProducerSettings};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::{ClientConfig, Message as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
 
 mod common;
-use common::{Event, PlainEnvelope};
+use common::Event;
 
 const PARTITIONS: i32 = 16;
 const RAW_BATCH: usize = 500;
@@ -119,28 +119,7 @@ fn raw_consume(bootstrap: &str, group: &str, topic: &str, records: usize) -> any
         .set("enable.auto.offset.store", "true")
         .create()?;
     consumer.subscribe(&[topic])?;
-    let (mut count, mut since_commit) = (0, 0);
-    while count < records {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(e)) => bail!("raw consumer: {e}"),
-            Some(Ok(m)) => {
-                let envelope: PlainEnvelope<Event> =
-                    serde_json::from_slice(m.payload().unwrap_or_default())?;
-                black_box((m.key(), envelope.item));
-                count += 1;
-                since_commit += 1;
-                if since_commit == RAW_BATCH {
-                    consumer.commit_consumer_state(CommitMode::Sync)?;
-                    since_commit = 0;
-                }
-            }
-        }
-    }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(count),
-        Err(e) => Err(e.into()),
-    }
+    common::raw_consume_loop(&consumer, records, RAW_BATCH)
 }
 
 /// Creates a topic on an outside broker (which may not create topics on first use).

@@ -27,15 +27,15 @@ use anyhow::{bail, Context};
 use kafka_batch::settings::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS};
 use kafka_batch::testing::EmbeddedBroker;
 use kafka_batch::{Consumer, ConsumerSettings, Message, Producer, ProducerSettings};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, ClientContext, Message as _};
+use rdkafka::{ClientConfig, ClientContext};
 use serde::Serialize;
 
 mod common;
-use common::{Event, PlainEnvelope};
+use common::Event;
 
 const INPUT: &str = "bench-input";
 const BATCH: usize = 500;
@@ -160,29 +160,7 @@ fn raw_consume(bootstrap: &str, group: &str, records: usize) -> anyhow::Result<u
         .set("enable.auto.offset.store", "true")
         .create()?;
     consumer.subscribe(&[INPUT])?;
-    let (mut count, mut since_commit) = (0, 0);
-    while count < records {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(e)) => bail!("raw consumer: {e}"),
-            Some(Ok(m)) => {
-                let envelope: PlainEnvelope<Event> =
-                    serde_json::from_slice(m.payload().unwrap_or_default())?;
-                black_box((m.key(), envelope.item));
-                count += 1;
-                since_commit += 1;
-                if since_commit == BATCH {
-                    consumer.commit_consumer_state(CommitMode::Sync)?;
-                    since_commit = 0;
-                }
-            }
-        }
-    }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing new since the last commit.
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(count),
-        Err(e) => Err(e.into()),
-    }
+    common::raw_consume_loop(&consumer, records, BATCH)
 }
 
 async fn library_consume(bootstrap: &str, group: &str, records: usize) -> anyhow::Result<usize> {
