@@ -35,6 +35,11 @@ tansu_pid=
 tansu_log=
 # Whatever happens, stop what this script started, by process id.
 cleanup() {
+  local status=$?
+  if [ "$status" -ne 0 ] && [ -n "$tansu_log" ] && [ -s "$tansu_log" ]; then
+    echo "the last lines tansu logged:"
+    tail -n 40 "$tansu_log"
+  fi
   for pid in $tansu_install $tansu_pid; do
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
@@ -70,7 +75,9 @@ fi
 cargo build --release --example group_member
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 tansu_log=$(mktemp)
-tansu broker \
+# tansu logs at RUST_LOG's level: a verbose one inherited from the caller
+# writes gigabytes a minute, so it is held at warnings.
+RUST_LOG=warn tansu broker \
   --listener-url "tcp://127.0.0.1:$port" \
   --advertised-listener-url "tcp://127.0.0.1:$port" \
   --storage-engine memory://tansu/ >"$tansu_log" 2>&1 &
