@@ -13,14 +13,13 @@
 //! its peak resident set (`VmHWM` from /proc/self/status). Memory bounded by
 //! the settings shows as the same peak for every backlog size.
 
-use std::hint::black_box;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kafka_batch::settings::CONSUMER_DEFAULTS;
 use kafka_batch::testing::EmbeddedBroker;
-use kafka_batch::{Consumer, ConsumerSettings, Message, Producer, ProducerSettings};
+use kafka_batch::{ConsumerSettings, Message, Producer, ProducerSettings};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -91,19 +90,7 @@ async fn library_consume(
 ) -> anyhow::Result<usize> {
     let mut settings = ConsumerSettings::new(bootstrap, group, &[topic]);
     settings.kafka.set("auto.offset.reset", "earliest");
-    let consumer = Consumer::new(&settings)?;
-    let handle = consumer.handle();
-    let mut count = 0;
-    consumer
-        .process(async |batch: Vec<Message<Event>>| {
-            count += black_box(batch).len();
-            if count >= records {
-                handle.shutdown();
-            }
-            anyhow::Ok(())
-        })
-        .await?;
-    Ok(count)
+    common::library_consume_loop(&settings, records).await
 }
 
 /// The hand-written loop of the throughput bench: poll, decode, commit every 500.

@@ -17,7 +17,6 @@
 //! 3), alternating raw and library; for each side the fastest wall time and
 //! the least CPU per message over its rounds are reported.
 
-use std::hint::black_box;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use kafka_batch::settings::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS};
 use kafka_batch::testing::EmbeddedBroker;
-use kafka_batch::{Consumer, ConsumerSettings, Message, Producer, ProducerSettings};
+use kafka_batch::{ConsumerSettings, Message, Producer, ProducerSettings};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
@@ -173,19 +172,7 @@ async fn library_consume(bootstrap: &str, group: &str, records: usize) -> anyhow
     {
         settings.prefetch_batches = p;
     }
-    let consumer = Consumer::new(&settings)?;
-    let handle = consumer.handle();
-    let mut count = 0;
-    consumer
-        .process(async |batch: Vec<Message<Event>>| {
-            count += black_box(batch).len();
-            if count >= records {
-                handle.shutdown();
-            }
-            anyhow::Ok(())
-        })
-        .await?;
-    Ok(count)
+    common::library_consume_loop(&settings, records).await
 }
 
 struct Counting {

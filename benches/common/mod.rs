@@ -61,3 +61,25 @@ pub fn raw_consume_loop(
         Err(e) => Err(e.into()),
     }
 }
+
+/// The library side of the consume comparison: `Consumer::process` with a
+/// handler that only counts, until `records` messages were handled.
+#[allow(dead_code)] // the codec bench includes this module but consumes nothing
+pub async fn library_consume_loop(
+    settings: &kafka_batch::ConsumerSettings,
+    records: usize,
+) -> anyhow::Result<usize> {
+    let consumer = kafka_batch::Consumer::new(settings)?;
+    let handle = consumer.handle();
+    let mut count = 0;
+    consumer
+        .process(async |batch: Vec<kafka_batch::Message<Event>>| {
+            count += std::hint::black_box(batch).len();
+            if count >= records {
+                handle.shutdown();
+            }
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok(count)
+}
