@@ -58,11 +58,7 @@ async fn group_with_members_joining_and_leaving_handles_every_record() {
     let mut third = run.start_member(&pace);
     assert_no_commit_ahead(&run, "after two members joined");
     wait_until("100,000 handled", limit, || handled_at_least(&run, 100_000)).await;
-    first.terminate();
-    assert!(
-        first.wait_exit(Duration::from_secs(60)).await.success(),
-        "a member that leaves on SIGTERM exits 0"
-    );
+    first.stop().await;
     assert_no_commit_ahead(&run, "after a member left");
     wait_until("130,000 handled", limit, || handled_at_least(&run, 130_000)).await;
     let mut fourth = run.start_member(&pace);
@@ -70,8 +66,7 @@ async fn group_with_members_joining_and_leaving_handles_every_record() {
     run.wait_all_committed(limit).await;
     let elapsed = started.elapsed().as_secs_f64();
     for member in [&mut second, &mut third, &mut fourth] {
-        member.terminate();
-        assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+        member.stop().await;
     }
 
     let handled = run.handled();
@@ -218,8 +213,7 @@ async fn members_killed_mid_batch_lose_nothing() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     for member in &mut members {
-        member.terminate();
-        assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+        member.stop().await;
     }
 
     let handled = run.handled();
@@ -296,8 +290,7 @@ async fn sigterm_mid_batch_finishes_commits_and_hands_over_exactly() {
 
     let mut second = run.start_member(&[]);
     run.wait_all_committed(Duration::from_secs(120)).await;
-    second.terminate();
-    assert!(second.wait_exit(Duration::from_secs(60)).await.success());
+    second.stop().await;
     for member in [&first, &second] {
         let stats = member.stats();
         assert_eq!(
@@ -336,8 +329,7 @@ async fn handler_slower_than_max_poll_interval_keeps_its_partitions() {
     // The first two batches take 10 s each, well past the 7 s poll interval.
     let mut member = run.start_member(&[sleep_ms(10_000), ("MEMBER_SLOW_BATCHES", "2".into())]);
     run.wait_all_committed(Duration::from_secs(120)).await;
-    member.terminate();
-    assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+    member.stop().await;
 
     let stats = member.stats();
     assert_eq!(
@@ -389,8 +381,7 @@ async fn memory_stays_bounded_with_a_million_record_backlog() {
     })
     .await;
     let peak_mib = member.peak_rss_kib() / 1024;
-    member.terminate();
-    assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+    member.stop().await;
     let handled = run.handled().total();
     let ends = run.watermarks();
     let backlog_left: i64 =
@@ -431,8 +422,7 @@ async fn memory_stays_bounded_with_a_million_record_backlog() {
     )
     .await;
     let small_peak_mib = member.peak_rss_kib() / 1024;
-    member.terminate();
-    assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+    member.stop().await;
     assert!(
         small_peak_mib < peak_mib,
         "smaller buffers, smaller peak: {small_peak_mib} MiB against {peak_mib} MiB"
@@ -484,8 +474,7 @@ async fn records_the_broker_skips_are_reported() {
 
     let mut member = run.start_member(&[]);
     run.wait_all_committed(Duration::from_secs(60)).await;
-    member.terminate();
-    assert!(member.wait_exit(Duration::from_secs(60)).await.success());
+    member.stop().await;
     let stats = member.stats();
     let gaps = stats["offset_gaps"].as_u64().unwrap_or(0);
     let first = run

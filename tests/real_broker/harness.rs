@@ -340,6 +340,18 @@ impl Member {
         assert!(status.success(), "SIGTERM sent to {}", self.name);
     }
 
+    /// Stops the member as an operator would: SIGTERM, then it must exit 0
+    /// within a minute (having finished and committed the batch in hand).
+    pub async fn stop(&mut self) {
+        self.terminate();
+        let status = self.wait_exit(Duration::from_secs(60)).await;
+        assert!(
+            status.success(),
+            "{} exits 0 on SIGTERM, got {status}",
+            self.name
+        );
+    }
+
     /// Sends SIGKILL and reaps the process.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
