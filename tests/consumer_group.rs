@@ -321,3 +321,67 @@ async fn a_leaving_consumer_hands_its_partitions_over_with_nothing_lost_eager() 
 async fn a_leaving_consumer_hands_its_partitions_over_with_nothing_lost_cooperative() {
     take_over("cooperative-sticky").await;
 }
+
+/// A consumer paused by back-pressure when a rebalance takes its partitions,
+/// which resumes (with nothing assigned) before it gets some of them back,
+/// fetches them again. librdkafka keeps an application's pause across an
+/// eager revoke and re-assign, so the consumer must set the state of every
+/// partition it is given; before it did, the real-broker crash run found
+/// members that held partitions and never fetched them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_paused_when_revoked_fetches_the_partitions_it_gets_back() {
+    let topic = "paused";
+    let broker = broker_with(topic, 2);
+    let total = 200;
+    produce_numbered(&broker, topic, 0..total).await;
+    let handled: Arc<Mutex<HashSet<usize>>> = Arc::default();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let make = |name: &str, gate: Option<tokio::sync::watch::Receiver<bool>>| {
+        let mut s = consumer_settings(&broker, "group", topic, 10, 200);
+        s.kafka.set("partition.assignment.strategy", "range");
+        s.kafka.set("heartbeat.interval.ms", "300");
+        s.kafka.set("session.timeout.ms", "6000");
+        s.kafka.set("client.id", name);
+        // The revoke gives up on the held batches quickly, so the consumer
+        // is still paused when its partitions are revoked.
+        s.revoke_timeout_ms = 300;
+        let consumer = Consumer::new(&s).unwrap();
+        let handle = consumer.handle();
+        let handled = handled.clone();
+        let run = consumer.process(async move |batch: Vec<Message>| {
+            if let Some(mut gate) = gate.clone() {
+                gate.wait_for(|open| *open).await?;
+            }
+            handled.lock().unwrap().extend(batch.iter().map(n_of));
+            anyhow::Ok(())
+        });
+        (handle, run)
+    };
+    let (a, run_a) = make("consumer-a", Some(gate));
+    let (b, run_b) = make("consumer-b", None);
+    let run_a = tokio::spawn(run_a);
+    // a's handler holds its first batch: the next fills the channel and a
+    // pauses its partitions.
+    wait_until("a pauses for back-pressure", LIMIT, || a.stats().pauses > 0).await;
+    // Slow responses make the rejoin take long enough for a to resume (with
+    // nothing assigned) between the revoke and the new assignment.
+    broker
+        .round_trip_time(1, Duration::from_millis(400))
+        .unwrap();
+    let run_b = tokio::spawn(run_b);
+    wait_until("a's partitions are revoked", LIMIT, || a.stats().revoked > 0).await;
+    open.send_replace(true);
+    wait_until("every record is handled after the rebalance", LIMIT, || {
+        handled.lock().unwrap().len() == total
+    })
+    .await;
+    assert!(
+        a.stats().assigned > 2,
+        "a got a partition back after the revoke: {:?}",
+        a.stats()
+    );
+    a.shutdown();
+    b.shutdown();
+    within(LIMIT, run_a).await.unwrap().expect("a stops cleanly");
+    within(LIMIT, run_b).await.unwrap().expect("b stops cleanly");
+}

@@ -51,11 +51,20 @@ impl ConsumerContext for PollerContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            // Newly assigned partitions start unpaused; keep back-pressure on.
-            if self.shared.lock().paused {
-                if let Err(e) = consumer.pause(tpl) {
-                    tracing::warn!(error = %e, "cannot pause newly assigned partitions");
-                }
+            // New partitions take the consumer's pause state explicitly, both
+            // ways. librdkafka clears only its own pause on assign, not the
+            // application's: a partition paused under back-pressure, revoked,
+            // and assigned again after the consumer resumed (with nothing
+            // assigned, so nothing was resumed) would otherwise stay paused
+            // and never be fetched again.
+            let paused = self.shared.lock().paused;
+            let result = if paused {
+                consumer.pause(tpl)
+            } else {
+                consumer.resume(tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, paused, "cannot set the pause state of newly assigned partitions");
             }
         }
     }
