@@ -387,23 +387,6 @@ impl Member {
         }
     }
 
-    /// Whether the process exits within `limit` (it keeps running if not).
-    pub async fn exits_within(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.exited.is_some() {
-                return true;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exited = Some(status);
-                self.read_to_end();
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
-    }
-
     /// Peak resident memory so far, in KiB (VmHWM), while it runs.
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
