@@ -271,10 +271,10 @@ fn raw_produce(
     Ok(delivered)
 }
 
-/// `produce_batch` over `chunk`-record batches, with `lanes` (1 or 2) calls
-/// in flight: each call returns only when its records are delivered, so
-/// with one lane the broker's acknowledgement of each batch is a pause in
-/// the stream; with two, one batch is sent while the other is acknowledged.
+/// `produce_batch` over `chunk`-record batches, with `lanes` (1, 2 or 4)
+/// calls in flight: each call returns only when its records are delivered,
+/// so with one lane the broker's acknowledgement of each batch is a pause in
+/// the stream; with more, batches are sent while others are acknowledged.
 async fn library_produce(
     bootstrap: &str,
     topic: &str,
@@ -285,7 +285,7 @@ async fn library_produce(
     let mut settings = ProducerSettings::new(bootstrap);
     settings.service = "bench".into();
     let producer = Producer::new(&settings)?;
-    let lanes = lanes.clamp(1, 2);
+    let lanes = lanes.clamp(1, 4);
     let lane = |first: usize| {
         let producer = &producer;
         async move {
@@ -296,11 +296,16 @@ async fn library_produce(
             anyhow::Ok(delivered)
         }
     };
-    let delivered = if lanes == 1 {
-        lane(0).await?
-    } else {
-        let (a, b) = tokio::join!(lane(0), lane(1));
-        a? + b?
+    let delivered = match lanes {
+        1 => lane(0).await?,
+        2 => {
+            let (a, b) = tokio::join!(lane(0), lane(1));
+            a? + b?
+        }
+        _ => {
+            let (a, b, c, d) = tokio::join!(lane(0), lane(1), lane(2), lane(3));
+            a? + b? + c? + d?
+        }
     };
     producer.close().await?;
     Ok(delivered)
@@ -438,6 +443,12 @@ fn main() -> anyhow::Result<()> {
         // A batch of 500 waits for its deliveries (a round trip) before the
         // next is sent: that job runs on at most 100,000 records.
         for (raw_chunk, library_chunk, lanes, label) in [
+            (
+                usize::MAX,
+                10_000,
+                4,
+                "one flush at the end / batches of 10k, four in flight",
+            ),
             (
                 usize::MAX,
                 10_000,
