@@ -369,7 +369,10 @@ async fn a_consumer_paused_when_revoked_fetches_the_partitions_it_gets_back() {
         .round_trip_time(1, Duration::from_millis(400))
         .unwrap();
     let run_b = tokio::spawn(run_b);
-    wait_until("a's partitions are revoked", LIMIT, || a.stats().revoked > 0).await;
+    wait_until("a's partitions are revoked", LIMIT, || {
+        a.stats().revoked > 0
+    })
+    .await;
     open.send_replace(true);
     wait_until("every record is handled after the rebalance", LIMIT, || {
         handled.lock().unwrap().len() == total
@@ -382,6 +385,12 @@ async fn a_consumer_paused_when_revoked_fetches_the_partitions_it_gets_back() {
     );
     a.shutdown();
     b.shutdown();
-    within(LIMIT, run_a).await.unwrap().expect("a stops cleanly");
-    within(LIMIT, run_b).await.unwrap().expect("b stops cleanly");
+    within(LIMIT, run_a)
+        .await
+        .unwrap()
+        .expect("a stops cleanly");
+    within(LIMIT, run_b)
+        .await
+        .unwrap()
+        .expect("b stops cleanly");
 }
