@@ -1,0 +1,123 @@
+//! The envelope fast path: one pass over an ordinary record.
+//!
+//! The full path (`parse_envelope`, then `check_hist`) reads the envelope
+//! with serde_json, capturing `hist` as a raw value (a pass over the
+//! history), and then checks that history (a second pass). Here the
+//! top-level object is walked by hand instead: `item` is decoded by
+//! serde_json from where it starts (so the payload is exactly what the full
+//! path would decode), `hist` is checked by the validating scan while its
+//! end is found, and other fields are skipped by the same scan.
+//!
+//! The fast path only ever says "done" or "don't know". Anything unusual (a
+//! duplicate `item` or `hist`, an escaped or non-UTF-8 field name, a history
+//! the scan cannot vouch for, an `item` that does not decode, trailing
+//! bytes, anything malformed) is "don't know", and the full path runs on the
+//! whole record: it stays the only authority on errors, their kinds and why
+//! a history is dropped. So whenever this returns a result, the full path
+//! returns the same payload and the same history text (a property test
+//! checks it).
+
+use serde::de::DeserializeOwned;
+
+use super::scan::Scan;
+
+/// serde_json's recursion limit. The full path decodes `item` one level
+/// inside the envelope object, so a payload nested 127 levels deep fails
+/// there and would decode here, from the top.
+const SERDE_DEPTH_LIMIT: usize = 128;
+
+/// The envelope's payload and the text of its history (`None` when missing
+/// or `null`), already checked as `check_hist` would accept it; or `None`:
+/// don't know.
+pub(super) fn envelope<T: DeserializeOwned>(value: &[u8]) -> Option<(T, Option<&str>)> {
+    let mut scan = Scan::new(value);
+    if !scan.eat(b'{') {
+        return None;
+    }
+    let mut item: Option<T> = None;
+    // Where the history's text starts and ends, once seen.
+    let mut hist: Option<(usize, usize)> = None;
+    loop {
+        // An empty object has no `item`: the full path says why.
+        let name = scan.string()?;
+        if !scan.eat(b':') {
+            return None;
+        }
+        match name {
+            b"item" if item.is_none() => item = Some(payload(&mut scan)?),
+            b"hist" if hist.is_none() => {
+                scan.ws();
+                let start = scan.pos();
+                scan.hist(1)?;
+                hist = Some((start, scan.pos()));
+            }
+            // A duplicate: an error for `item`, the last one for `hist`.
+            b"item" | b"hist" => return None,
+            _ => {
+                // serde_json reads field names as text.
+                std::str::from_utf8(name).ok()?;
+                scan.skip()?;
+            }
+        }
+        if !scan.eat(b',') {
+            break;
+        }
+    }
+    if !scan.eat(b'}') || !scan.at_end() {
+        return None;
+    }
+    let item = item?;
+    let hist = match hist {
+        None => None,
+        Some((start, end)) => match value.get(start..end)? {
+            b"null" => None,
+            // The scan let bytes of 0x80 and above through in strings.
+            text => Some(std::str::from_utf8(text).ok()?),
+        },
+    };
+    Some((item, hist))
+}
+
+/// The `item` value, decoded by serde_json where the scan stands; the scan
+/// moves past it.
+fn payload<T: DeserializeOwned>(scan: &mut Scan<'_>) -> Option<T> {
+    let rest = scan.rest();
+    // A stream deserializer says where the value ended; it accepts a value
+    // followed by `,` or `}` (and the walk checks which follows).
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<T>();
+    let item = values.next()?.ok()?;
+    let end = values.byte_offset();
+    let text = rest.get(..end)?;
+    if may_nest_too_deep(text) {
+        return None;
+    }
+    scan.advance(end);
+    Some(item)
+}
+
+/// True when `text` holds enough `[` and `{` to nest as deep as the full
+/// path's recursion limit inside the envelope: counting bytes (even in
+/// strings) over-counts nesting, which only sends more payloads to the full
+/// path.
+fn may_nest_too_deep(text: &[u8]) -> bool {
+    // A little under the limit, to stay clear of off-by-ones; a payload
+    // nested this deep holds this many openings and as many closings.
+    let limit = SERDE_DEPTH_LIMIT - 8;
+    if text.len() < 2 * limit {
+        return false;
+    }
+    let mut opens = 0usize;
+    // Chunks of 255 so that a byte-wide count cannot overflow and the loop
+    // vectorises; `[` (0x5b) and `{` (0x7b) are the bytes equal to 0x7b once
+    // bit 0x20 is set.
+    for chunk in text.chunks(255) {
+        let count = chunk
+            .iter()
+            .fold(0u8, |n, &b| n.wrapping_add(u8::from(b | 0x20 == b'{')));
+        opens += usize::from(count);
+        if opens >= limit {
+            return true;
+        }
+    }
+    false
+}
