@@ -126,13 +126,6 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// `null` (after whitespace), consumed when next.
-    #[inline]
-    fn null(&mut self) -> bool {
-        self.ws();
-        self.literal(b"null")
-    }
-
     /// A string without escapes or control characters (after whitespace);
     /// its contents. Escapes are "don't know": an escaped field name could
     /// spell `hist`, and the grammar's strings are checked strictly by serde.
@@ -178,8 +171,9 @@ impl<'a> Scan<'a> {
     }
 
     fn string_or_null(&mut self) -> Option<()> {
-        if self.null() {
-            return Some(());
+        self.ws();
+        if self.peek() == Some(b'n') {
+            return self.literal(b"null").then_some(());
         }
         self.string().map(|_| ())
     }
@@ -321,9 +315,87 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// Calls `field` for each field name of an object; `field` reads the value.
+    /// The next field name of an object and its colon, as one of `known`
+    /// or [`Field::Other`]. A known name written plainly (`"svc":`) is
+    /// matched in place, without a string scan; any other spelling (a
+    /// space before the colon) is read as a string and then looked up.
+    /// Names must be UTF-8, as serde_json reads them as text.
     #[inline]
-    fn object(&mut self, mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+    pub(super) fn field(&mut self, known: &[(&[u8], Field)]) -> Option<Field> {
+        self.ws();
+        let rest = self.rest();
+        for &(pattern, field) in known {
+            if rest.starts_with(pattern) {
+                self.i += pattern.len();
+                return Some(field);
+            }
+        }
+        let name = self.name()?;
+        // Each pattern is the name between a quote and `":`.
+        match known
+            .iter()
+            .find(|(pattern, _)| pattern.get(1..pattern.len().saturating_sub(2)) == Some(name))
+        {
+            Some(&(_, field)) => Some(field),
+            None => std::str::from_utf8(name).ok().map(|_| Field::Other),
+        }
+    }
+
+    /// The end of an object's field: true after a comma (another field
+    /// follows), false after the closing brace; `None` for anything else.
+    #[inline]
+    pub(super) fn next_field(&mut self) -> Option<bool> {
+        if self.eat(b',') {
+            Some(true)
+        } else {
+            self.eat(b'}').then_some(false)
+        }
+    }
+
+    /// A `hist` value at `depth` (the top one being 1): null or a history
+    /// object, after whitespace.
+    pub(super) fn hist(&mut self, depth: u32) -> Option<()> {
+        if !self.eat(b'{') {
+            return self.literal(b"null").then_some(());
+        }
+        // Near the limit the full check decides (and says why).
+        if depth >= MAX_HIST_DEPTH - 1 {
+            return None;
+        }
+        if self.eat(b'}') {
+            return Some(());
+        }
+        loop {
+            match self.field(&HIST_FIELDS)? {
+                Field::Svc | Field::Dt => self.string_or_null()?,
+                Field::Refs => self.refs(depth)?,
+                _ => self.skip()?,
+            }
+            if !self.next_field()? {
+                return Some(());
+            }
+        }
+    }
+
+    /// A `refs` value: null or a list of ref objects (a single object, the
+    /// legacy form, is left to the full check).
+    fn refs(&mut self, depth: u32) -> Option<()> {
+        if !self.eat(b'[') {
+            return self.literal(b"null").then_some(());
+        }
+        if self.eat(b']') {
+            return Some(());
+        }
+        loop {
+            self.a_ref(depth)?;
+            if !self.eat(b',') {
+                return self.eat(b']').then_some(());
+            }
+        }
+    }
+
+    /// One ref object of a history at `depth`.
+    fn a_ref(&mut self, depth: u32) -> Option<()> {
         if !self.eat(b'{') {
             return None;
         }
@@ -331,54 +403,52 @@ impl<'a> Scan<'a> {
             return Some(());
         }
         loop {
-            let name = self.name()?;
-            field(self, name)?;
-            if !self.eat(b',') {
-                return self.eat(b'}').then_some(());
+            match self.field(&REF_FIELDS)? {
+                Field::Topic | Field::Key => self.string_or_null()?,
+                Field::Partition => self.integer(i32::MIN.into(), i32::MAX.into())?,
+                Field::Offset => self.integer(i64::MIN, i64::MAX)?,
+                Field::Hist => self.hist(depth + 1)?,
+                _ => self.skip()?,
             }
-        }
-    }
-
-    /// A `hist` value at `depth` (the top one being 1): null or a history
-    /// object, after whitespace.
-    pub(super) fn hist(&mut self, depth: u32) -> Option<()> {
-        if self.null() {
-            return Some(());
-        }
-        // Near the limit the full check decides (and says why).
-        if depth >= MAX_HIST_DEPTH - 1 {
-            return None;
-        }
-        self.object(|scan, name| match name {
-            b"svc" | b"dt" => scan.string_or_null(),
-            b"refs" => scan.refs(depth),
-            _ => scan.skip(),
-        })
-    }
-
-    /// A `refs` value: null or a list of ref objects (a single object, the
-    /// legacy form, is left to the full check).
-    fn refs(&mut self, depth: u32) -> Option<()> {
-        if self.null() {
-            return Some(());
-        }
-        if !self.eat(b'[') {
-            return None;
-        }
-        if self.eat(b']') {
-            return Some(());
-        }
-        loop {
-            self.object(|scan, name| match name {
-                b"topic" | b"key" => scan.string_or_null(),
-                b"partition" => scan.integer(i32::MIN.into(), i32::MAX.into()),
-                b"offset" => scan.integer(i64::MIN, i64::MAX),
-                b"hist" => scan.hist(depth + 1),
-                _ => scan.skip(),
-            })?;
-            if !self.eat(b',') {
-                return self.eat(b']').then_some(());
+            if !self.next_field()? {
+                return Some(());
             }
         }
     }
 }
+
+/// The field names the envelope and history grammars know (`Other` for
+/// the rest, which are skipped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Field {
+    Svc,
+    Dt,
+    Refs,
+    Topic,
+    Partition,
+    Offset,
+    Key,
+    Hist,
+    Item,
+    Other,
+}
+
+/// A history object's fields, as written plainly, in the usual order.
+const HIST_FIELDS: [(&[u8], Field); 3] = [
+    (b"\"svc\":", Field::Svc),
+    (b"\"dt\":", Field::Dt),
+    (b"\"refs\":", Field::Refs),
+];
+
+/// A ref object's fields, as written plainly, in the usual order.
+const REF_FIELDS: [(&[u8], Field); 5] = [
+    (b"\"topic\":", Field::Topic),
+    (b"\"partition\":", Field::Partition),
+    (b"\"offset\":", Field::Offset),
+    (b"\"key\":", Field::Key),
+    (b"\"hist\":", Field::Hist),
+];
+
+/// The envelope's fields, as written plainly.
+pub(super) const ENVELOPE_FIELDS: [(&[u8], Field); 2] =
+    [(b"\"item\":", Field::Item), (b"\"hist\":", Field::Hist)];
