@@ -124,7 +124,8 @@ impl Hist {
 pub struct History(Arc<HistoryInner>);
 
 struct HistoryInner {
-    /// The JSON as read, already checked by [`check_hist`]; `None` when built in code.
+    /// The JSON as read, already checked (by the fast path's scan or by
+    /// [`check_hist`]); `None` when built in code.
     raw: Option<Box<RawValue>>,
     parsed: std::sync::OnceLock<Hist>,
 }
@@ -573,8 +574,9 @@ fn decode_envelope<T: DeserializeOwned>(
     Ok((payload, hist.map(RawHist::Unchecked)))
 }
 
-/// Parses the envelope in one pass: the item straight into `T`, the history
-/// kept as raw text for the depth-guarded second parse.
+/// The full path: parses the envelope in one pass, the item straight into
+/// `T`, the history kept as raw text for the depth-guarded second parse.
+/// Every error a record can have is reported from here.
 fn parse_envelope<T: DeserializeOwned>(
     value: &[u8],
 ) -> Result<(T, Option<&RawValue>), DecodeErrorKind> {

@@ -31,7 +31,7 @@ use super::MAX_HIST_DEPTH;
 const MAX_SKIP_DEPTH: u32 = 64;
 
 /// True when `raw` is certainly a history the full check accepts (and, but
-/// for UTF-8, JSON with no whitespace around it).
+/// for UTF-8, JSON).
 pub(super) fn plainly_valid(raw: &[u8]) -> bool {
     let mut scan = Scan::new(raw);
     scan.hist(1).is_some() && scan.at_end()
@@ -139,11 +139,8 @@ impl<'a> Scan<'a> {
         let body = self.s.get(start..)?;
         let mut len = 0;
         // Eight bytes at a time while eight are left, then one at a time.
-        for chunk in body.chunks_exact(8) {
-            let Ok(word) = <[u8; 8]>::try_from(chunk) else {
-                return None;
-            };
-            let stops = string_stops(u64::from_le_bytes(word));
+        while let Some(word) = body.get(len..).and_then(<[u8]>::first_chunk::<8>) {
+            let stops = string_stops(u64::from_le_bytes(*word));
             if stops != 0 {
                 len += (stops.trailing_zeros() / 8) as usize;
                 return self.string_end(body, len);
