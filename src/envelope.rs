@@ -537,7 +537,7 @@ fn unpack_parts_by<'a, T: DeserializeOwned>(
 enum RawHist<'a> {
     /// Found by the fast path, whose scan already checked it.
     Checked(&'a str),
-    /// Captured by the full path, still to be checked.
+    /// Captured by serde_json, still to be checked.
     Unchecked(&'a RawValue),
 }
 
@@ -566,8 +566,8 @@ fn decode_envelope<T: DeserializeOwned>(
     path: Path,
 ) -> Result<(T, Option<RawHist<'_>>), DecodeErrorKind> {
     if path == Path::Fast {
-        if let Some((payload, hist)) = fast::envelope::<T>(value) {
-            return Ok((payload, hist.map(RawHist::Checked)));
+        if let Some(parts) = fast::envelope::<T>(value) {
+            return Ok(parts);
         }
     }
     let (payload, hist) = parse_envelope::<T>(value)?;

@@ -9,44 +9,44 @@
 //! end is found, and other fields are skipped by the same scan.
 //!
 //! The fast path only ever says "done" or "don't know". Anything unusual (a
-//! duplicate `item` or `hist`, an escaped or non-UTF-8 field name, a history
-//! the scan cannot vouch for, an `item` that does not decode, trailing
-//! bytes, anything malformed) is "don't know", and the full path runs on the
-//! whole record: it stays the only authority on errors, their kinds and why
-//! a history is dropped. So whenever this returns a result, the full path
-//! returns the same payload and the same history text (a property test
-//! checks it).
+//! duplicate `item` or `hist`, an escaped or non-UTF-8 field name, an
+//! `item` that does not decode, trailing bytes, anything malformed) is
+//! "don't know", and the full path runs on the whole record: it stays the
+//! only authority on errors and their kinds. So whenever this returns a
+//! result, the full path returns the same payload and the same history text
+//! (a property test checks it).
+//!
+//! A history the scan cannot vouch for (an escaped name, say: Python writes
+//! non-ASCII text as `\u` escapes) does not send the whole record back:
+//! serde_json captures it as a raw value from where it starts, exactly as
+//! the full path would, and `check_hist` decides about it, as it does there.
+//! The item is still decoded once.
 
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use super::scan::{Field, Scan, ENVELOPE_FIELDS};
+use super::RawHist;
 
 /// serde_json's recursion limit. The full path decodes `item` one level
 /// inside the envelope object, so a payload nested 127 levels deep fails
 /// there and would decode here, from the top.
 const SERDE_DEPTH_LIMIT: usize = 128;
 
-/// The envelope's payload and the text of its history (`None` when missing
-/// or `null`), already checked as `check_hist` would accept it; or `None`:
-/// don't know.
-pub(super) fn envelope<T: DeserializeOwned>(value: &[u8]) -> Option<(T, Option<&str>)> {
+/// The envelope's payload and its history (`None` when missing or `null`),
+/// or `None`: don't know.
+pub(super) fn envelope<T: DeserializeOwned>(value: &[u8]) -> Option<(T, Option<RawHist<'_>>)> {
     let mut scan = Scan::new(value);
     if !scan.eat(b'{') {
         return None;
     }
     let mut item: Option<T> = None;
-    // Where the history's text starts and ends, once seen.
-    let mut hist: Option<(usize, usize)> = None;
+    let mut hist: Option<Option<RawHist<'_>>> = None;
     // An empty object has no `item`: the full path says why.
     loop {
         match scan.field(&ENVELOPE_FIELDS)? {
             Field::Item if item.is_none() => item = Some(payload(&mut scan)?),
-            Field::Hist if hist.is_none() => {
-                scan.ws();
-                let start = scan.pos();
-                scan.hist(1)?;
-                hist = Some((start, scan.pos()));
-            }
+            Field::Hist if hist.is_none() => hist = Some(history(&mut scan)?),
             // A duplicate: an error for `item`, the last one for `hist`.
             Field::Item | Field::Hist => return None,
             _ => scan.skip()?,
@@ -58,16 +58,30 @@ pub(super) fn envelope<T: DeserializeOwned>(value: &[u8]) -> Option<(T, Option<&
     if !scan.at_end() {
         return None;
     }
-    let item = item?;
-    let hist = match hist {
-        None => None,
-        Some((start, end)) => match value.get(start..end)? {
-            b"null" => None,
-            // The scan let bytes of 0x80 and above through in strings.
-            text => Some(std::str::from_utf8(text).ok()?),
-        },
-    };
-    Some((item, hist))
+    Some((item?, hist.flatten()))
+}
+
+/// The `hist` value where the scan stands (`None` for `null`), checked by
+/// the scan or else captured by serde_json for `check_hist`; the scan moves
+/// past it. `None` outside: don't know.
+fn history<'a>(scan: &mut Scan<'a>) -> Option<Option<RawHist<'a>>> {
+    scan.ws();
+    let start = scan.pos();
+    let rest = scan.rest();
+    if scan.hist(1).is_some() {
+        let text = rest.get(..scan.pos().checked_sub(start)?)?;
+        if text == b"null" {
+            return Some(None);
+        }
+        // The scan let bytes of 0x80 and above through in strings.
+        return Some(Some(RawHist::Checked(std::str::from_utf8(text).ok()?)));
+    }
+    // What the full path does with this value: serde_json reads it as a
+    // raw value (which checks it is JSON, and UTF-8).
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<&RawValue>();
+    let raw = values.next()?.ok()?;
+    scan.seek(start + values.byte_offset());
+    Some((raw.get() != "null").then_some(RawHist::Unchecked(raw)))
 }
 
 /// The `item` value, decoded by serde_json where the scan stands; the scan
@@ -83,7 +97,7 @@ fn payload<T: DeserializeOwned>(scan: &mut Scan<'_>) -> Option<T> {
     if may_nest_too_deep(text) {
         return None;
     }
-    scan.advance(end);
+    scan.seek(scan.pos() + end);
     Some(item)
 }
 

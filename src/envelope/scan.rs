@@ -72,9 +72,9 @@ impl<'a> Scan<'a> {
         self.i
     }
 
-    /// Moves the scan forward by `n` bytes (that someone else read).
-    pub(super) fn advance(&mut self, n: usize) {
-        self.i = self.i.saturating_add(n);
+    /// Moves the scan to `pos` (past a value someone else read).
+    pub(super) fn seek(&mut self, pos: usize) {
+        self.i = pos;
     }
 
     /// The bytes from the scan's position on (empty past the end).
