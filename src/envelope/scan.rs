@@ -8,11 +8,11 @@
 //! history grammar in the same pass, and answers "valid" or "don't know";
 //! only "don't know" goes on to the full check, which stays the only
 //! authority on why a history is dropped. So the scan may only ever say
-//! "valid" for a history the full check accepts: anything unusual (a
-//! backslash in any string, a control character, a number that is not a
-//! plain integer where the grammar wants one, a history nested near the
-//! limit, a legacy `refs` object, unknown values nested deeper than
-//! [`MAX_SKIP_DEPTH`]) is "don't know".
+//! "valid" for a history the full check accepts: anything unusual (an
+//! escaped field name, an escape serde_json would refuse in text, a control
+//! character, a number that is not a plain integer where the grammar wants
+//! one, a history nested near the limit, a legacy `refs` object, unknown
+//! values nested deeper than [`MAX_SKIP_DEPTH`]) is "don't know".
 //!
 //! The scan does not rely on its input being JSON: the envelope fast path
 //! (`fast.rs`) runs it on raw record bytes, and what it accepts is written
@@ -60,6 +60,60 @@ fn string_stops(w: u64) -> u64 {
     let b = w ^ (ONES * u64::from(b'\\'));
     let backslash = b.wrapping_sub(ONES) & !b;
     (control | quote | backslash) & HIGHS
+}
+
+/// Where the run of plain string bytes from `from` on ends: the index of the
+/// first quote, backslash or control character, or the length of `body`.
+#[inline]
+fn plain_run_end(body: &[u8], from: usize) -> usize {
+    let mut len = from;
+    // Eight bytes at a time while eight are left, then one at a time.
+    while let Some(word) = body.get(len..).and_then(<[u8]>::first_chunk::<8>) {
+        let stops = string_stops(u64::from_le_bytes(*word));
+        if stops != 0 {
+            return len + (stops.trailing_zeros() / 8) as usize;
+        }
+        len += 8;
+    }
+    while let Some(&b) = body.get(len) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        len += 1;
+    }
+    len
+}
+
+/// The length of the escape `at` starts with (at a backslash), if
+/// serde_json reads it into text: `\"`, `\\`, `\/`, `\b`, `\f`, `\n`,
+/// `\r`, `\t`, or `\u` and four hex digits that are not a surrogate, or a
+/// leading surrogate escape followed by a trailing one.
+fn escape_len(at: &[u8]) -> Option<usize> {
+    match at.get(1)? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(2),
+        b'u' => match hex4(at.get(2..6)?)? {
+            0xDC00..=0xDFFF => None,
+            0xD800..=0xDBFF => {
+                if at.get(6..8)? != b"\\u" {
+                    return None;
+                }
+                let trailing = hex4(at.get(8..12)?)?;
+                (0xDC00..=0xDFFF).contains(&trailing).then_some(12)
+            }
+            _ => Some(6),
+        },
+        _ => None,
+    }
+}
+
+/// Four hex digits (either case), as a number.
+fn hex4(digits: &[u8]) -> Option<u16> {
+    let mut n: u16 = 0;
+    for &d in digits {
+        let value = char::from(d).to_digit(16)?;
+        n = (n << 4) | u16::try_from(value).ok()?;
+    }
+    Some(n)
 }
 
 impl<'a> Scan<'a> {
@@ -126,11 +180,27 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// A string without escapes or control characters (after whitespace);
-    /// its contents. Escapes are "don't know": an escaped field name could
-    /// spell `hist`, and the grammar's strings are checked strictly by serde.
+    /// A field name (after whitespace): a string without escapes, whose
+    /// contents are the name. An escaped name is "don't know": it could
+    /// spell `hist`.
     #[inline]
     pub(super) fn string(&mut self) -> Option<&'a [u8]> {
+        self.string_with(false)
+    }
+
+    /// A string value (after whitespace), with escapes only as serde_json
+    /// reads them into text (`check_hist` reads `svc`, `dt`, `topic` and
+    /// `key` so; it skips other strings with looser rules, which accept all
+    /// these).
+    #[inline]
+    fn text(&mut self) -> Option<()> {
+        self.string_with(true).map(|_| ())
+    }
+
+    /// A string without control characters (after whitespace), with
+    /// escapes when `escapes`; its contents as written.
+    #[inline]
+    fn string_with(&mut self, escapes: bool) -> Option<&'a [u8]> {
         self.ws();
         if self.peek() != Some(b'"') {
             return None;
@@ -138,33 +208,17 @@ impl<'a> Scan<'a> {
         let start = self.i + 1;
         let body = self.s.get(start..)?;
         let mut len = 0;
-        // Eight bytes at a time while eight are left, then one at a time.
-        while let Some(word) = body.get(len..).and_then(<[u8]>::first_chunk::<8>) {
-            let stops = string_stops(u64::from_le_bytes(*word));
-            if stops != 0 {
-                len += (stops.trailing_zeros() / 8) as usize;
-                return self.string_end(body, len);
+        loop {
+            len = plain_run_end(body, len);
+            match body.get(len)? {
+                b'"' => {
+                    self.i = start + len + 1;
+                    return body.get(..len);
+                }
+                b'\\' if escapes => len += escape_len(body.get(len..)?)?,
+                _ => return None,
             }
-            len += 8;
         }
-        while let Some(&b) = body.get(len) {
-            if b == b'"' || b == b'\\' || b < 0x20 {
-                break;
-            }
-            len += 1;
-        }
-        self.string_end(body, len)
-    }
-
-    /// Ends a string at `body[len]` if that byte is its closing quote.
-    #[inline]
-    fn string_end(&mut self, body: &'a [u8], len: usize) -> Option<&'a [u8]> {
-        if body.get(len) != Some(&b'"') {
-            return None;
-        }
-        // body starts one past the opening quote at self.i.
-        self.i += len + 2;
-        body.get(..len)
     }
 
     fn string_or_null(&mut self) -> Option<()> {
@@ -172,7 +226,7 @@ impl<'a> Scan<'a> {
         if self.peek() == Some(b'n') {
             return self.literal(b"null").then_some(());
         }
-        self.string().map(|_| ())
+        self.text()
     }
 
     /// `[0-9]*`, consumed; how many.
@@ -277,9 +331,7 @@ impl<'a> Scan<'a> {
                     depth -= 1;
                     open >>= 1;
                 }
-                b'"' => {
-                    self.string()?;
-                }
+                b'"' => self.text()?,
                 b'-' | b'0'..=b'9' => self.number()?,
                 b't' if self.literal(b"true") => {}
                 b'f' if self.literal(b"false") => {}
