@@ -153,12 +153,12 @@ impl History {
     fn from_scanned(text: &str) -> History {
         // SAFETY: `from_string_unchecked` needs one well-formed JSON value
         // with no whitespace around it. The fast path hands over only text
-        // that `Scan::hist` accepted from its first byte to its last: `null`
-        // or an object whose every byte it checked against the JSON grammar
-        // (strings without escapes or control characters, exact numbers and
-        // literals, balanced containers), that `std::str::from_utf8`
-        // accepted, and that starts and ends where that value does. Debug
-        // builds (so every test) re-parse it to check.
+        // that `Scan::hist` accepted from its first byte to its last: an
+        // object whose every byte it checked against the JSON grammar
+        // (strings without control characters and with valid escapes only,
+        // exact numbers and literals, balanced containers), that
+        // `std::str::from_utf8` accepted, and that starts and ends where
+        // that value does. Debug builds (so every test) re-parse it to check.
         let raw = unsafe { RawValue::from_string_unchecked(text.to_owned()) };
         History(Arc::new(HistoryInner {
             raw: Some(raw),

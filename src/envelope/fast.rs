@@ -16,8 +16,8 @@
 //! result, the full path returns the same payload and the same history text
 //! (a property test checks it).
 //!
-//! A history the scan cannot vouch for (an escaped name, say: Python writes
-//! non-ASCII text as `\u` escapes) does not send the whole record back:
+//! A history the scan cannot vouch for (a legacy `refs` object, one nested
+//! near the limit, an escaped field name) does not send the whole record back:
 //! serde_json captures it as a raw value from where it starts, exactly as
 //! the full path would, and `check_hist` decides about it, as it does there.
 //! The item is still decoded once.
