@@ -124,7 +124,8 @@ impl Hist {
 pub struct History(Arc<HistoryInner>);
 
 struct HistoryInner {
-    /// The JSON as read, already checked by [`check_hist`]; `None` when built in code.
+    /// The JSON as read, already checked (by the fast path's scan or by
+    /// [`check_hist`]); `None` when built in code.
     raw: Option<Box<RawValue>>,
     parsed: std::sync::OnceLock<Hist>,
 }
@@ -142,6 +143,25 @@ impl History {
     fn from_checked(raw: &RawValue) -> History {
         History(Arc::new(HistoryInner {
             raw: Some(raw.to_owned()),
+            parsed: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// A history read from a record by the fast path, whose scan accepted
+    /// it: JSON (`scan` checks the grammar, `fast` the UTF-8) that
+    /// [`check_hist`] accepts.
+    fn from_scanned(text: &str) -> History {
+        // SAFETY: `from_string_unchecked` needs one well-formed JSON value
+        // with no whitespace around it. The fast path hands over only text
+        // that `Scan::hist` accepted from its first byte to its last: an
+        // object whose every byte it checked against the JSON grammar
+        // (strings without control characters and with valid escapes only,
+        // exact numbers and literals, balanced containers), that
+        // `std::str::from_utf8` accepted, and that starts and ends where
+        // that value does. Debug builds (so every test) re-parse it to check.
+        let raw = unsafe { RawValue::from_string_unchecked(text.to_owned()) };
+        History(Arc::new(HistoryInner {
+            raw: Some(raw),
             parsed: std::sync::OnceLock::new(),
         }))
     }
@@ -455,6 +475,25 @@ pub(crate) fn unpack_parts<'a, T: DeserializeOwned>(
     record: RawRecord<'a>,
     last: &mut LastHistory,
 ) -> Result<Option<Unpacked<'a, T>>, DecodeError> {
+    unpack_parts_by(record, last, Path::Fast)
+}
+
+/// How [`unpack_parts_by`] reads an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// The one-pass fast path, then the full path when it does not know.
+    Fast,
+    /// The full path only: what the fast path must agree with (tests).
+    #[cfg(test)]
+    Full,
+}
+
+/// [`unpack_parts`], reading the envelope by `path`.
+fn unpack_parts_by<'a, T: DeserializeOwned>(
+    record: RawRecord<'a>,
+    last: &mut LastHistory,
+    path: Path,
+) -> Result<Option<Unpacked<'a, T>>, DecodeError> {
     let value = match record.value {
         None => return Ok(None),
         Some([]) => return Ok(None),
@@ -470,14 +509,13 @@ pub(crate) fn unpack_parts<'a, T: DeserializeOwned>(
         None => return Err(fail(DecodeErrorKind::NullKey)),
         Some(k) => std::str::from_utf8(k).map_err(|_| fail(DecodeErrorKind::KeyNotUtf8))?,
     };
-    let (payload, raw_hist) = parse_envelope::<T>(value).map_err(fail)?;
+    let (payload, raw_hist) = decode_envelope::<T>(value, path).map_err(fail)?;
     let hist = match raw_hist {
         None => None,
         Some(raw) => match &last.0 {
-            Some(h) if h.raw_json() == Some(raw.get()) => Some(h.clone()),
-            _ => match check_hist(raw) {
-                Ok(()) => {
-                    let h = History::from_checked(raw);
+            Some(h) if h.raw_json() == Some(raw.text()) => Some(h.clone()),
+            _ => match raw.check() {
+                Ok(h) => {
                     last.0 = Some(h.clone());
                     Some(h)
                 }
@@ -495,8 +533,50 @@ pub(crate) fn unpack_parts<'a, T: DeserializeOwned>(
     Ok(Some(Unpacked { key, payload, hist }))
 }
 
-/// Parses the envelope in one pass: the item straight into `T`, the history
-/// kept as raw text for the depth-guarded second parse.
+/// A record's `hist` text, before it becomes a [`History`].
+enum RawHist<'a> {
+    /// Found by the fast path, whose scan already checked it.
+    Checked(&'a str),
+    /// Captured by serde_json, still to be checked.
+    Unchecked(&'a RawValue),
+}
+
+impl<'a> RawHist<'a> {
+    /// The JSON text, as written in the record.
+    fn text(&self) -> &'a str {
+        match self {
+            RawHist::Checked(text) => text,
+            RawHist::Unchecked(raw) => raw.get(),
+        }
+    }
+
+    /// The history, or why it is dropped.
+    fn check(self) -> Result<History, HistDropped> {
+        match self {
+            RawHist::Checked(text) => Ok(History::from_scanned(text)),
+            RawHist::Unchecked(raw) => check_hist(raw).map(|()| History::from_checked(raw)),
+        }
+    }
+}
+
+/// The envelope's payload and history text: by the fast path when it
+/// knows, else by the full path, which alone reports errors.
+fn decode_envelope<T: DeserializeOwned>(
+    value: &[u8],
+    path: Path,
+) -> Result<(T, Option<RawHist<'_>>), DecodeErrorKind> {
+    if path == Path::Fast {
+        if let Some(parts) = fast::envelope::<T>(value) {
+            return Ok(parts);
+        }
+    }
+    let (payload, hist) = parse_envelope::<T>(value)?;
+    Ok((payload, hist.map(RawHist::Unchecked)))
+}
+
+/// The full path: parses the envelope in one pass, the item straight into
+/// `T`, the history kept as raw text for the depth-guarded second parse.
+/// Every error a record can have is reported from here.
 fn parse_envelope<T: DeserializeOwned>(
     value: &[u8],
 ) -> Result<(T, Option<&RawValue>), DecodeErrorKind> {
@@ -1255,6 +1335,7 @@ pub fn stage_latencies(
     })
 }
 
+mod fast;
 mod scan;
 
 #[cfg(test)]
