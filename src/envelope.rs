@@ -26,6 +26,8 @@ use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use scan::Field;
+
 /// A history nested this many levels deep (the top `hist` is level 1) is cut.
 pub const MAX_HIST_DEPTH: u32 = 100;
 
@@ -621,7 +623,7 @@ impl<'de, T: DeserializeOwned> Visitor<'de> for EnvelopeSeed<'_, T> {
         // Field names are compared in place: no allocation per record.
         while let Some(Key(key)) = map.next_key()? {
             match key {
-                KeyName::Item => {
+                Field::Item => {
                     if item.is_some() {
                         return Err(de::Error::duplicate_field("item"));
                     }
@@ -629,7 +631,7 @@ impl<'de, T: DeserializeOwned> Visitor<'de> for EnvelopeSeed<'_, T> {
                     item = Some(map.next_value()?);
                     self.in_item.set(false);
                 }
-                KeyName::Hist => {
+                Field::Hist => {
                     let raw: &'de RawValue = map.next_value()?;
                     hist = (raw.get() != "null").then_some(raw);
                 }
@@ -869,21 +871,7 @@ impl<'de> de::Deserialize<'de> for AnyStr {
 }
 
 /// A map key compared in place (escaped keys are unescaped into a scratch copy).
-struct Key(KeyName);
-
-#[derive(PartialEq)]
-enum KeyName {
-    Item,
-    Svc,
-    Dt,
-    Refs,
-    Topic,
-    Partition,
-    Offset,
-    Key,
-    Hist,
-    Other,
-}
+struct Key(Field);
 
 impl<'de> de::Deserialize<'de> for Key {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
@@ -895,16 +883,16 @@ impl<'de> de::Deserialize<'de> for Key {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
                 Ok(Key(match v {
-                    "item" => KeyName::Item,
-                    "svc" => KeyName::Svc,
-                    "dt" => KeyName::Dt,
-                    "refs" => KeyName::Refs,
-                    "topic" => KeyName::Topic,
-                    "partition" => KeyName::Partition,
-                    "offset" => KeyName::Offset,
-                    "key" => KeyName::Key,
-                    "hist" => KeyName::Hist,
-                    _ => KeyName::Other,
+                    "item" => Field::Item,
+                    "svc" => Field::Svc,
+                    "dt" => Field::Dt,
+                    "refs" => Field::Refs,
+                    "topic" => Field::Topic,
+                    "partition" => Field::Partition,
+                    "offset" => Field::Offset,
+                    "key" => Field::Key,
+                    "hist" => Field::Hist,
+                    _ => Field::Other,
                 }))
             }
         }
@@ -950,10 +938,10 @@ impl<'de> Visitor<'de> for CheckHist {
         }
         while let Some(Key(key)) = map.next_key()? {
             match key {
-                KeyName::Svc | KeyName::Dt => {
+                Field::Svc | Field::Dt => {
                     map.next_value::<Option<AnyStr>>()?;
                 }
-                KeyName::Refs => map.next_value_seed(CheckRefs { depth: self.depth })?,
+                Field::Refs => map.next_value_seed(CheckRefs { depth: self.depth })?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -1023,16 +1011,16 @@ impl<'de> Visitor<'de> for CheckRef {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = map.next_key()? {
             match key {
-                KeyName::Topic | KeyName::Key => {
+                Field::Topic | Field::Key => {
                     map.next_value::<Option<AnyStr>>()?;
                 }
-                KeyName::Partition => {
+                Field::Partition => {
                     map.next_value::<i32>()?;
                 }
-                KeyName::Offset => {
+                Field::Offset => {
                     map.next_value::<i64>()?;
                 }
-                KeyName::Hist => map.next_value_seed(CheckHist {
+                Field::Hist => map.next_value_seed(CheckHist {
                     depth: self.depth + 1,
                 })?,
                 _ => {

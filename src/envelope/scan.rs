@@ -476,7 +476,8 @@ impl<'a> Scan<'a> {
 }
 
 /// The field names the envelope and history grammars know (`Other` for
-/// the rest, which are skipped).
+/// the rest, which are skipped), for this scan and for the serde path's
+/// field-name visitor alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Field {
     Svc,
