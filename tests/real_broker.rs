@@ -17,12 +17,14 @@
 //! offsets and the topic's log end. Each test makes its own topic and group.
 //! Lines starting with `RELIABILITY` are the figures RELIABILITY.md records.
 
+mod common;
 #[path = "real_broker/harness.rs"]
 mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{assert_no_commit_ahead, produce, real_broker, report, wait_until, Rng, Run};
+use common::report;
+use harness::{assert_no_commit_ahead, produce, real_broker, wait_until, Rng, Run};
 use kafka_batch::{Message, Producer, ProducerSettings};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -44,7 +46,9 @@ fn sleep_ms(ms: u64) -> (&'static str, String) {
 /// leave: every id is handled, and the commits end at the log end.
 #[tokio::test(flavor = "multi_thread")]
 async fn group_with_members_joining_and_leaving_handles_every_record() {
-    let Some(bootstrap) = real_broker("group_with_members_joining_and_leaving") else {
+    let Some(bootstrap) =
+        real_broker("group_with_members_joining_and_leaving_handles_every_record")
+    else {
         return;
     };
     let mut run = Run::new(&bootstrap, "rb-group", 8).await;

@@ -35,12 +35,6 @@ pub fn real_broker(test: &str) -> Option<String> {
     }
 }
 
-/// A line for the run's report (straight to stderr, so it shows even when
-/// the test passes and its output is captured).
-pub fn report(line: &str) {
-    let _ = writeln!(std::io::stderr(), "RELIABILITY {line}");
-}
-
 /// A name no earlier run used, so runs against a long-lived broker never see
 /// each other's records or commits.
 pub fn unique(name: &str) -> String {
