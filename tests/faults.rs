@@ -61,12 +61,6 @@ async fn consume_through(
     )
     .await
     .expect("the consumer recovers by itself and stops cleanly");
-    let stats = handle.stats();
-    report(&format!(
-        "embedded faults, {what}: {RECORDS} records on {PARTITIONS} partitions, 3 brokers; lost 0; duplicates {}; commit failures retried {}",
-        handled - seen.len(),
-        stats.commit_failures
-    ));
     assert_eq!(seen.len(), RECORDS, "every id handled at least once");
     let committed = committed(broker, "g", "jobs").await;
     assert_eq!(
@@ -74,6 +68,13 @@ async fn consume_through(
         RECORDS as i64,
         "every offset committed: {committed:?}"
     );
+    // Reported only once the checks behind "lost 0" have passed.
+    let stats = handle.stats();
+    report(&format!(
+        "embedded faults, {what}: {RECORDS} records on {PARTITIONS} partitions, 3 brokers; lost 0; duplicates {}; commit failures retried {}",
+        handled - seen.len(),
+        stats.commit_failures
+    ));
     stats
 }
 
