@@ -160,7 +160,9 @@ impl History {
         // (strings without control characters and with valid escapes only,
         // exact numbers and literals, balanced containers), that
         // `std::str::from_utf8` accepted, and that starts and ends where
-        // that value does. Debug builds (so every test) re-parse it to check.
+        // that value does. (Text the fast path matched byte for byte to the
+        // last history accepted never gets here: that history is shared.)
+        // Debug builds (so every test) re-parse it to check.
         let raw = unsafe { RawValue::from_string_unchecked(text.to_owned()) };
         History(Arc::new(HistoryInner {
             raw: Some(raw),
@@ -511,7 +513,8 @@ fn unpack_parts_by<'a, T: DeserializeOwned>(
         None => return Err(fail(DecodeErrorKind::NullKey)),
         Some(k) => std::str::from_utf8(k).map_err(|_| fail(DecodeErrorKind::KeyNotUtf8))?,
     };
-    let (payload, raw_hist) = decode_envelope::<T>(value, path).map_err(fail)?;
+    let last_text = last.0.as_ref().and_then(History::raw_json);
+    let (payload, raw_hist) = decode_envelope::<T>(value, last_text, path).map_err(fail)?;
     let hist = match raw_hist {
         None => None,
         Some(raw) => match &last.0 {
@@ -537,7 +540,8 @@ fn unpack_parts_by<'a, T: DeserializeOwned>(
 
 /// A record's `hist` text, before it becomes a [`History`].
 enum RawHist<'a> {
-    /// Found by the fast path, whose scan already checked it.
+    /// Found by the fast path: its scan checked it, or it is byte for byte
+    /// the last history accepted.
     Checked(&'a str),
     /// Captured by serde_json, still to be checked.
     Unchecked(&'a RawValue),
@@ -563,12 +567,13 @@ impl<'a> RawHist<'a> {
 
 /// The envelope's payload and history text: by the fast path when it
 /// knows, else by the full path, which alone reports errors.
-fn decode_envelope<T: DeserializeOwned>(
-    value: &[u8],
+fn decode_envelope<'a, T: DeserializeOwned>(
+    value: &'a [u8],
+    last: Option<&str>,
     path: Path,
-) -> Result<(T, Option<RawHist<'_>>), DecodeErrorKind> {
+) -> Result<(T, Option<RawHist<'a>>), DecodeErrorKind> {
     if path == Path::Fast {
-        if let Some(parts) = fast::envelope::<T>(value) {
+        if let Some(parts) = fast::envelope::<T>(value, last) {
             return Ok(parts);
         }
     }

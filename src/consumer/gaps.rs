@@ -15,8 +15,6 @@
 //! `kafka_batch_offset_gaps_total` counter, and
 //! [`ConsumerStats::offset_gaps`](super::ConsumerStats)), not refused.
 
-use std::collections::HashMap;
-
 use crate::offsets::{Generation, TopicPartition};
 
 /// Where a partition is expected to continue.
@@ -39,13 +37,17 @@ pub(super) struct Gap {
 /// The next expected offset of each partition, on the poller thread.
 #[derive(Default)]
 pub(super) struct GapGuard {
-    /// By partition number, then topic: a record is looked up by its
-    /// borrowed topic name, with no allocation.
-    next: HashMap<i32, Vec<Next>>,
+    /// One entry per partition held. A record is looked up by its borrowed
+    /// topic name, with no allocation.
+    next: Vec<Next>,
+    /// The entry the last record met. Records come in runs per partition
+    /// (one fetched batch after another), so most records meet the entry
+    /// the one before met, and the list is searched once a run.
+    last: usize,
 }
 
 struct Next {
-    topic: std::sync::Arc<str>,
+    tp: TopicPartition,
     generation: Generation,
     offset: Option<i64>,
 }
@@ -54,10 +56,9 @@ impl GapGuard {
     /// Takes where partitions continue: after an assignment or a seek.
     pub fn expect(&mut self, expectations: impl IntoIterator<Item = Expectation>) {
         for e in expectations {
-            let topics = self.next.entry(e.tp.partition).or_default();
-            topics.retain(|n| n.topic != e.tp.topic);
-            topics.push(Next {
-                topic: e.tp.topic,
+            self.next.retain(|n| n.tp != e.tp);
+            self.next.push(Next {
+                tp: e.tp,
                 generation: e.generation,
                 offset: e.next,
             });
@@ -66,18 +67,7 @@ impl GapGuard {
 
     /// Forgets partitions this consumer no longer owns.
     pub fn retain(&mut self, mut owned: impl FnMut(&TopicPartition, Generation) -> bool) {
-        for (partition, topics) in self.next.iter_mut() {
-            topics.retain(|n| {
-                owned(
-                    &TopicPartition {
-                        topic: n.topic.clone(),
-                        partition: *partition,
-                    },
-                    n.generation,
-                )
-            });
-        }
-        self.next.retain(|_, topics| !topics.is_empty());
+        self.next.retain(|n| owned(&n.tp, n.generation));
     }
 
     /// Checks a record of `topic`/`partition` at `offset` and returns the
@@ -85,11 +75,11 @@ impl GapGuard {
     /// assignment and dropped on revoke, and librdkafka drops records read
     /// under an older assignment, so a record always meets its own.)
     pub fn observe(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Gap> {
-        let n = self
-            .next
-            .get_mut(&partition)?
-            .iter_mut()
-            .find(|n| &*n.topic == topic)?;
+        let its_own = |n: &Next| n.tp.partition == partition && &*n.tp.topic == topic;
+        if !self.next.get(self.last).is_some_and(its_own) {
+            self.last = self.next.iter().position(its_own)?;
+        }
+        let n = self.next.get_mut(self.last)?;
         let gap = match n.offset {
             Some(expected) if offset > expected => Some(Gap {
                 first: expected,
@@ -186,5 +176,47 @@ mod tests {
         let (mut g, _) = guard(Some(100));
         g.retain(|_, _| false);
         assert_eq!(g.observe("t", 0, 500), None);
+    }
+
+    #[test]
+    fn interleaved_partitions_and_topics_each_keep_their_own_expectation() {
+        let mut tracker = crate::offsets::OffsetTracker::default();
+        let mut g = GapGuard::default();
+        let held = [("t", 0, 10), ("t", 1, 20), ("u", 0, 30), ("u", 1, 40)];
+        g.expect(held.map(|(topic, partition, next)| {
+            let tp = TopicPartition::new(topic, partition);
+            Expectation {
+                generation: tracker.assign(tp.clone()),
+                tp,
+                next: Some(next),
+            }
+        }));
+        // Runs of one partition, then switches, then back: each record meets
+        // its own partition's expectation.
+        for (topic, partition, next) in held {
+            for offset in next..next + 3 {
+                assert_eq!(
+                    g.observe(topic, partition, offset),
+                    None,
+                    "{topic}/{partition} at {offset}"
+                );
+            }
+        }
+        for (topic, partition, next) in held.iter().rev() {
+            assert_eq!(
+                g.observe(topic, *partition, next + 5),
+                Some(Gap {
+                    first: next + 3,
+                    end: next + 5
+                }),
+                "{topic}/{partition}"
+            );
+        }
+        assert_eq!(g.observe("v", 0, 1), None, "a topic not held");
+        assert_eq!(
+            g.observe("t", 0, 16),
+            None,
+            "after a miss, the hint still finds t/0"
+        );
     }
 }

@@ -38,6 +38,9 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(50);
 /// pausing (and polling on) is what keeps a slow handler's consumer in its
 /// group. Rebalance callbacks wait at most this long.
 const PAUSE_AFTER: Duration = Duration::from_millis(1000);
+/// While records are ready without waiting, the clock is read once every
+/// this many (see `run`).
+const RECORDS_PER_CLOCK_READ: u32 = 32;
 /// How long to wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(500);
 /// Attempts at the last commit before the consumer closes.
@@ -73,11 +76,16 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let mut full_since: Option<Instant> = None;
     // Checks that the broker returns every record from where it was asked to.
     let mut gaps = GapGuard::default();
-    // The clock is read once a round, after the poll: reading it is a good
-    // part of the loop's own cost at high rates, and the round's other
-    // decisions do not need it fresher than that (a commit is the slowest
-    // thing between two readings).
+    // The clock is read after a poll that may have waited, and otherwise
+    // once every `RECORDS_PER_CLOCK_READ` records: reading it (a system
+    // call's worth on a virtual machine) was a good part of the loop's own
+    // cost per record. The round's decisions (cutting a batch on its
+    // timeout, pausing) do not need it fresher than a few dozen records.
     let mut now = Instant::now();
+    // True while polls return records: the next poll then does not wait, so
+    // no time passes in it that the clock must catch up with.
+    let mut streaming = false;
+    let mut unclocked: u32 = 0;
 
     let outcome = loop {
         {
@@ -131,14 +139,21 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             }
         }
 
-        let wait =
-            if shared.stopping.load(Ordering::Acquire) || failure.is_some() || !ready.is_empty() {
-                MAX_POLL_WAIT
-            } else {
-                builder.remaining(now).min(MAX_POLL_WAIT)
-            };
+        let wait = if streaming {
+            Duration::ZERO
+        } else if shared.stopping.load(Ordering::Acquire) || failure.is_some() || !ready.is_empty()
+        {
+            MAX_POLL_WAIT
+        } else {
+            builder.remaining(now).min(MAX_POLL_WAIT)
+        };
         let polled = consumer.poll(wait);
-        now = Instant::now();
+        streaming = polled.is_some();
+        unclocked += 1;
+        if !(streaming && wait.is_zero() && unclocked < RECORDS_PER_CLOCK_READ) {
+            now = Instant::now();
+            unclocked = 0;
+        }
 
         let current = shared.rebalance_epoch.load(Ordering::Acquire);
         if current != epoch {

@@ -810,7 +810,7 @@ fn fast_agrees_with_full<T>(value: &[u8]) -> Result<bool, TestCaseError>
 where
     T: DeserializeOwned + PartialEq + fmt::Debug,
 {
-    let Some((payload, hist)) = fast::envelope::<T>(value) else {
+    let Some((payload, hist)) = fast::envelope::<T>(value, None) else {
         return Ok(false);
     };
     let full = parse_envelope::<T>(value);
@@ -845,8 +845,16 @@ fn outcome<T: DeserializeOwned>(
     value: &[u8],
     path: Path,
 ) -> Result<Option<(String, T, Option<String>)>, String> {
-    let mut last = LastHistory::default();
-    unpack_parts_by::<T>(record(Some(b"k"), Some(value)), &mut last, path)
+    outcome_after::<T>(&mut LastHistory::default(), value, path)
+}
+
+/// [`outcome`], after the records that left `last`.
+fn outcome_after<T: DeserializeOwned>(
+    last: &mut LastHistory,
+    value: &[u8],
+    path: Path,
+) -> Result<Option<(String, T, Option<String>)>, String> {
+    unpack_parts_by::<T>(record(Some(b"k"), Some(value)), last, path)
         .map(|parts| {
             parts.map(|p| {
                 let hist = p
@@ -893,6 +901,30 @@ proptest! {
         }
     }
 
+    /// A record read after another, whose history may begin with that
+    /// record's history byte for byte (and then go on, or not), reads as it
+    /// would alone.
+    #[test]
+    fn a_repeated_history_reads_as_it_would_alone(
+        first in envelope_bytes(),
+        second in envelope_bytes(),
+        item in json_value(),
+        after in prop::sample::select(vec!["", " ", "x", "1", "]", "}", ",", ", \"x\": 1", "\"", ", \"hist\": null"]),
+    ) {
+        let mut last = LastHistory::default();
+        let _ = outcome_after::<Value>(&mut last, &first, Path::Fast);
+        let repeated = last.0.as_ref().and_then(History::raw_json).map(|h| {
+            format!(r#"{{"item": {item}, "hist": {h}{after}}}"#).into_bytes()
+        });
+        for value in [Some(second), repeated].into_iter().flatten() {
+            let mut again = LastHistory(last.0.clone());
+            prop_assert_eq!(
+                outcome_after::<Value>(&mut again, &value, Path::Fast),
+                outcome::<Value>(&value, Path::Full)
+            );
+        }
+    }
+
     /// The scan accepts only JSON (so the unchecked raw value is sound) and
     /// only histories the full check accepts, whatever the bytes.
     #[test]
@@ -918,7 +950,7 @@ proptest! {
 /// checked, `Some(false)` with one left to `check_hist` or none, `None` when
 /// it does not know.
 fn fast_route(value: &str) -> Option<bool> {
-    fast::envelope::<Value>(value.as_bytes())
+    fast::envelope::<Value>(value.as_bytes(), None)
         .map(|(_, hist)| matches!(hist, Some(RawHist::Checked(_))))
 }
 
@@ -980,10 +1012,42 @@ fn a_payload_nested_to_the_recursion_limit_fails_as_before() {
 fn a_checked_history_is_written_back_as_read() {
     let history = r#"{ "svc" : "s", "dt": "d" , "refs": [ {"topic": "t", "partition": -2147483648, "offset": 0, "key": null, "hist": null, "x": [1e5, true]} ] }"#;
     let value = format!("{{\"item\": 1, \"hist\": \t{history}\n}}");
-    let (_, hist) = fast::envelope::<Value>(value.as_bytes()).unwrap();
+    let (_, hist) = fast::envelope::<Value>(value.as_bytes(), None).unwrap();
     assert!(matches!(hist, Some(RawHist::Checked(text)) if text == history));
     let m = decode(Some(b"k"), value.as_bytes()).unwrap().unwrap();
     let own = m.source().unwrap().hist.as_ref().unwrap();
     assert_eq!(own.raw_json(), Some(history));
     assert_eq!(own.refs[0].partition, i32::MIN);
+}
+
+#[test]
+fn a_history_repeated_byte_for_byte_is_not_scanned_again() {
+    // A history the scan leaves to `check_hist` (an escaped field name), so
+    // that only the shortcut can answer `Checked` for it.
+    let history = r#"{"s\u0076c": "a", "dt": "d", "refs": []}"#;
+    let value = format!(r#"{{"item": 1, "hist": {history}, "x": 2}}"#);
+    let route = |last| match fast::envelope::<Value>(value.as_bytes(), last) {
+        Some((_, Some(RawHist::Checked(text)))) => Some(text == history),
+        _ => None,
+    };
+    assert_eq!(route(None), None, "scanned: left to the check");
+    assert_eq!(route(Some(history)), Some(true), "repeated: taken as read");
+    assert_eq!(route(Some(r#"{"svc": "a"}"#)), None, "another history");
+
+    // Two records with the same history share one.
+    let mut last = LastHistory::default();
+    let mut read = || {
+        unpack_parts_by::<Value>(
+            record(Some(b"k"), Some(value.as_bytes())),
+            &mut last,
+            Path::Fast,
+        )
+        .unwrap()
+        .unwrap()
+        .hist
+        .unwrap()
+    };
+    let (first, second) = (read(), read());
+    assert!(std::sync::Arc::ptr_eq(&first.0, &second.0));
+    assert_eq!(second.svc, "a");
 }
