@@ -76,25 +76,23 @@ struct HistOut<'a> {
     refs: [(); 0],
 }
 
-/// CPU time (user + system) of all this process's threads so far.
+/// CPU time (user + system) of all this process's threads so far, exited
+/// ones included: the scheduler's own count, to the nanosecond
+/// (`/proc/self/stat` counts in 10 ms steps).
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name (in parentheses, may hold spaces),
-    // by position: some are negative (tpgid is -1 without a terminal), so
-    // they must not be filtered. utime and stime are fields 14 and 15 of the
-    // line, 12th and 13th after the name.
-    let after: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        after
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10) // USER_HZ is 100 on Linux
+    // SAFETY: `now` is a valid timespec for the call to write.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    if status != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
 }
 
 #[derive(Clone, Copy)]

@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+pub use id::MessageId;
 use scan::Field;
 
 /// A history nested this many levels deep (the top `hist` is level 1) is cut.
@@ -52,14 +53,14 @@ pub const MAX_HIST_DEPTH: u32 = 100;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Ref {
-    /// Topic of the consumed record.
-    pub topic: String,
+    /// Topic of the consumed record (shared by the refs of one partition).
+    pub topic: Arc<str>,
     /// Partition of the consumed record.
     pub partition: i32,
     /// Offset of the consumed record.
     pub offset: i64,
     /// Key (message id) of the consumed record.
-    pub key: Option<String>,
+    pub key: Option<MessageId>,
     /// The `hist` the consumed record carried, or `None`.
     pub hist: Option<History>,
 }
@@ -274,7 +275,7 @@ pub struct Origin {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message<T = serde_json::Value> {
     /// The message id, written as the record key. An empty id is a null key.
-    pub id: String,
+    pub id: MessageId,
     /// The payload, written as the envelope's `item`.
     pub payload: T,
     /// The inputs this message was derived from; they become `hist.refs`.
@@ -284,7 +285,7 @@ pub struct Message<T = serde_json::Value> {
 
 impl<T> Message<T> {
     /// A new message with no refs (an origin record).
-    pub fn new(id: impl Into<String>, payload: T) -> Self {
+    pub fn new(id: impl Into<MessageId>, payload: T) -> Self {
         Message {
             id: id.into(),
             payload,
@@ -331,7 +332,7 @@ impl<T> Message<T> {
     /// fills them in.
     pub(crate) fn consumed(payload: T, topic: &Arc<str>, partition: i32, offset: i64) -> Self {
         Message {
-            id: String::new(),
+            id: MessageId::default(),
             payload,
             refs: Vec::new(),
             origin: Some(Origin {
@@ -348,9 +349,10 @@ impl<T> Message<T> {
         let Some(origin) = &self.origin else {
             return;
         };
-        self.id = key.to_owned();
+        // Two allocations: the id, which the ref's key shares, and the list.
+        self.id = MessageId::from(key);
         self.refs = vec![Ref {
-            topic: origin.topic.to_string(),
+            topic: Arc::clone(&origin.topic),
             partition: origin.partition,
             offset: origin.offset,
             key: Some(self.id.clone()),
@@ -368,7 +370,9 @@ impl<T> Message<T> {
     pub fn source(&self) -> Option<&Ref> {
         let origin = self.origin.as_ref()?;
         self.refs.iter().find(|r| {
-            r.partition == origin.partition && r.offset == origin.offset && r.topic == *origin.topic
+            r.partition == origin.partition
+                && r.offset == origin.offset
+                && *r.topic == *origin.topic
         })
     }
 }
@@ -802,7 +806,7 @@ impl<'de> Visitor<'de> for RefSeed {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut r = Ref {
-            topic: String::new(),
+            topic: Arc::from(""),
             partition: 0,
             offset: 0,
             key: None,
@@ -810,7 +814,11 @@ impl<'de> Visitor<'de> for RefSeed {
         };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
-                "topic" => r.topic = map.next_value::<Option<String>>()?.unwrap_or_default(),
+                "topic" => {
+                    r.topic = map
+                        .next_value::<Option<String>>()?
+                        .map_or_else(|| Arc::from(""), Arc::from)
+                }
                 "partition" => r.partition = map.next_value()?,
                 "offset" => r.offset = map.next_value()?,
                 "key" => r.key = map.next_value()?,
@@ -1329,6 +1337,7 @@ pub fn stage_latencies(
 }
 
 mod fast;
+mod id;
 mod scan;
 
 #[cfg(test)]

@@ -30,6 +30,7 @@
 
 use std::fmt;
 
+use crate::envelope::MessageId;
 use crate::error::BoxError;
 
 pub(crate) mod record;
@@ -172,7 +173,7 @@ pub struct Failures {
 
 enum Which {
     Index(usize),
-    Id(String),
+    Id(MessageId),
 }
 
 impl Failures {
@@ -194,8 +195,9 @@ impl Failures {
         self
     }
 
-    /// Adds every message of the batch whose id is `id`.
-    pub fn add_id(&mut self, id: impl Into<String>, error: impl Into<BoxError>) -> &mut Self {
+    /// Adds every message of the batch whose id is `id` (a `&str`, a
+    /// `String` or a message's id: `failed.add_id(&message.id, e)`).
+    pub fn add_id(&mut self, id: impl Into<MessageId>, error: impl Into<BoxError>) -> &mut Self {
         self.failed.push((Which::Id(id.into()), error.into()));
         self
     }

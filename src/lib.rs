@@ -52,7 +52,7 @@ pub mod settings;
 pub mod testing;
 
 pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
-pub use envelope::{BatchRef, DecodeError, Hist, History, Message, Ref};
+pub use envelope::{BatchRef, DecodeError, Hist, History, Message, MessageId, Ref};
 pub use error::{BoxError, Error};
 pub use failure::Failures;
 pub use producer::{Delivery, ProduceError, Producer};

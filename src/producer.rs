@@ -12,7 +12,7 @@ use rdkafka::{ClientContext, Message as _};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::envelope::{format_dt, key_of, pack_into, Message};
+use crate::envelope::{format_dt, key_of, pack_into, Message, MessageId};
 use crate::error::Error;
 use crate::metrics::ProducerMetrics;
 use crate::settings::ProducerSettings;
@@ -48,7 +48,7 @@ pub struct RecordFailure {
     /// Its position in the batch passed to [`Producer::produce_batch`].
     pub index: usize,
     /// Its message id.
-    pub id: String,
+    pub id: MessageId,
     /// Why.
     pub error: RecordError,
 }

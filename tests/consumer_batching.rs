@@ -133,7 +133,8 @@ async fn latest_only_keeps_the_last_message_of_each_id_and_commits_all() {
     )
     .await
     .unwrap();
-    let expected: Vec<(String, usize)> = vec![("b".into(), 1), ("x".into(), 3), ("a".into(), 4)];
+    let expected: Vec<(kafka_batch::MessageId, usize)> =
+        vec![("b".into(), 1), ("x".into(), 3), ("a".into(), 4)];
     assert_eq!(*got.lock().unwrap(), expected);
     assert_eq!(committed(&broker, "g", "latest").await, [(0, 5)].into());
 }

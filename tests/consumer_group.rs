@@ -56,8 +56,9 @@ async fn a_two_hop_pipeline_carries_the_full_ref_chain() {
     hop(&broker, "hop-one", "raw", "middle", 20).await;
     hop(&broker, "hop-two", "middle", "final", 20).await;
 
-    let raw: HashMap<String, Message> = by_id(broker.read_messages("raw", 20, LIMIT).unwrap());
-    let middle: HashMap<String, Message> =
+    let raw: HashMap<kafka_batch::MessageId, Message> =
+        by_id(broker.read_messages("raw", 20, LIMIT).unwrap());
+    let middle: HashMap<kafka_batch::MessageId, Message> =
         by_id(broker.read_messages("middle", 20, LIMIT).unwrap());
     let finals = broker.read_messages::<Value>("final", 20, LIMIT).unwrap();
     assert_eq!(finals.len(), 20);
@@ -76,7 +77,7 @@ async fn a_two_hop_pipeline_carries_the_full_ref_chain() {
         let middle_record = middle[&m.id].source().unwrap();
         assert_eq!(
             (
-                from_middle.topic.as_str(),
+                &*from_middle.topic,
                 from_middle.partition,
                 from_middle.offset,
                 from_middle.key.as_deref()
@@ -96,7 +97,7 @@ async fn a_two_hop_pipeline_carries_the_full_ref_chain() {
         };
         let raw_record = raw[&m.id].source().unwrap();
         assert_eq!(
-            (from_raw.topic.as_str(), from_raw.partition, from_raw.offset),
+            (&*from_raw.topic, from_raw.partition, from_raw.offset),
             ("raw", raw_record.partition, raw_record.offset)
         );
         let origin = from_raw.hist.as_deref().unwrap();
@@ -106,7 +107,7 @@ async fn a_two_hop_pipeline_carries_the_full_ref_chain() {
     }
 }
 
-fn by_id(messages: Vec<Message>) -> HashMap<String, Message> {
+fn by_id(messages: Vec<Message>) -> HashMap<kafka_batch::MessageId, Message> {
     messages.into_iter().map(|m| (m.id.clone(), m)).collect()
 }
 

@@ -99,7 +99,7 @@ async fn a_poison_message_is_retried_in_place_then_dead_lettered_alone() {
     let mut deliveries: Vec<Vec<String>> = Vec::new();
     let mut handled = BTreeSet::new();
     let run = consumer.process(async |batch: Vec<Message>| {
-        deliveries.push(batch.iter().map(|m| m.id.clone()).collect());
+        deliveries.push(batch.iter().map(|m| m.id.to_string()).collect());
         let result = fail_ids(&batch, &["m4"]);
         for (m, at) in batch.iter().zip(offsets_of(&batch)) {
             if m.id != "m4" {
@@ -206,7 +206,7 @@ async fn skip_commits_past_the_failed_message_and_counts_it() {
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            seen.extend(batch.iter().map(|m| m.id.clone()));
+            seen.extend(batch.iter().map(|m| m.id.to_string()));
             dealt_with.extend(offsets_of(&batch));
             if seen.len() == 20 {
                 handle.shutdown();
@@ -256,7 +256,7 @@ async fn a_delayed_retry_succeeds_on_its_third_attempt_while_its_partition_flows
                     continue;
                 }
             }
-            handled.push(m.id.clone());
+            handled.push(m.id.to_string());
         }
         if m2_attempts == 1 && !later_produced {
             // Records arriving on the main partition while m2 waits.
@@ -331,7 +331,7 @@ async fn recover(settings: &ConsumerSettings) -> BTreeSet<String> {
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            seen.extend(batch.iter().map(|m| m.id.clone()));
+            seen.extend(batch.iter().map(|m| m.id.to_string()));
             if seen.contains("m2") {
                 handle.shutdown();
             }
@@ -440,7 +440,7 @@ async fn bad_records_between_good_ones_are_dead_lettered_unchanged_and_replayabl
     let mut handled: Vec<String> = Vec::new();
     let mut dealt_with = BTreeSet::new();
     let run = consumer.process(async |batch: Vec<Message<Event>>| {
-        handled.extend(batch.iter().map(|m| m.id.clone()));
+        handled.extend(batch.iter().map(|m| m.id.to_string()));
         dealt_with.extend(
             batch
                 .iter()
@@ -576,7 +576,7 @@ async fn bad_records_between_good_ones_are_skipped_with_skip() {
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message<Event>>| {
-            handled.extend(batch.iter().map(|m| m.id.clone()));
+            handled.extend(batch.iter().map(|m| m.id.to_string()));
             if handled.len() == 3 {
                 handle.shutdown();
             }
@@ -682,7 +682,7 @@ async fn a_retry_wait_longer_than_max_poll_interval_keeps_the_group_and_the_othe
     let mut seen: Vec<String> = Vec::new();
     let mut produced_later = false;
     let run = consumer.process(async |batch: Vec<Message>| {
-        seen.extend(batch.iter().map(|m| m.id.clone()));
+        seen.extend(batch.iter().map(|m| m.id.to_string()));
         if !produced_later {
             // While m4 waits 4 s on partition 0, partition 1 gets records.
             produced_later = true;

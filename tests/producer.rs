@@ -84,7 +84,7 @@ async fn an_oversized_record_is_an_error_naming_it_and_the_others_are_delivered(
         text.contains("1 of 3 records") && text.contains("\"huge\""),
         "{text}"
     );
-    let ids: Vec<String> = broker
+    let ids: Vec<kafka_batch::MessageId> = broker
         .read_messages::<Value>("limited", 2, LIMIT)
         .unwrap()
         .into_iter()

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use super::policy::{Action, Chain, ChainState};
 use super::Shared;
 use crate::envelope::{
-    latest_only, unpack_parts, BatchRef, DecodeError, History, LastHistory, Message,
+    latest_only, unpack_parts, BatchRef, DecodeError, History, LastHistory, Message, MessageId,
     PartitionRange, RawRecord,
 };
 use crate::failure::record::KeptRecord;
@@ -54,7 +54,7 @@ pub(crate) struct Kept {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
-    pub id: String,
+    pub id: MessageId,
     pub state: ChainState,
     /// The record as read, when the chain may write it to another topic.
     pub raw: Option<KeptRecord>,
@@ -97,6 +97,10 @@ pub(crate) struct BatchRange {
 /// Room made for a batch's messages up front, so a batch is not copied as
 /// it grows; larger batches grow past it.
 const MESSAGES_CAPACITY: usize = 1024;
+
+/// Room made per message for the keys of a batch, up front: ids of this
+/// length or less are never copied as the key buffer grows.
+const KEY_BYTES_RESERVED: usize = 24;
 
 impl<T> Batch<T> {
     fn empty(id: u64, capacity: usize) -> Self {
@@ -385,6 +389,14 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
                 }
             }
             Ok(Some(parts)) if self.defer => {
+                if self.batch.deferred.capacity() == 0 {
+                    // Room for as many as the messages have, at once: grown
+                    // one doubling at a time, each entry was written to
+                    // memory not yet in the cache.
+                    let room = self.batch.messages.capacity();
+                    self.batch.deferred.reserve(room);
+                    self.batch.keys.reserve(room * KEY_BYTES_RESERVED);
+                }
                 let start = self.batch.keys.len();
                 self.batch.keys.push_str(parts.key);
                 self.batch.deferred.push(Deferred {

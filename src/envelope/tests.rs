@@ -216,7 +216,7 @@ fn latest_only_keeps_each_ids_last_message_in_order() {
         .enumerate()
         .map(|(i, id)| Message::new(*id, i))
         .collect();
-    let kept: Vec<(String, usize)> = latest_only(batch)
+    let kept: Vec<(MessageId, usize)> = latest_only(batch)
         .into_iter()
         .map(|m| (m.id, m.payload))
         .collect();
@@ -312,11 +312,11 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 fn a_ref() -> impl Strategy<Value = Ref> {
     let leaf = (".*", any::<i32>(), any::<i64>(), proptest::option::of(".*")).prop_map(
-        |(topic, partition, offset, key)| Ref {
-            topic,
+        |(topic, partition, offset, key): (String, _, _, Option<String>)| Ref {
+            topic: topic.into(),
             partition,
             offset,
-            key,
+            key: key.map(MessageId::from),
             hist: None,
         },
     );
