@@ -88,7 +88,13 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let mut unclocked: u32 = 0;
 
     let outcome = loop {
-        {
+        // The runner's outcomes and commands, commits, retries and handing
+        // over: looked at after every poll that may have waited, and while
+        // records stream in, with the clock (once every
+        // `RECORDS_PER_CLOCK_READ` records), or at once when a batch is
+        // ready or the consumer is failing. Taking an outcome a few dozen
+        // records later is the same as its arriving later, which it may.
+        if unclocked == 0 || !ready.is_empty() || failure.is_some() {
             let mut st = shared.lock();
             st.drain(&consumer, &shared);
             take_expectations(&mut gaps, &mut st);
