@@ -12,7 +12,8 @@
 //! `produce` (default: all three).
 //!
 //! Reported per job: messages a second (wall) and CPU microseconds per
-//! message of this process (user + system, from /proc/self/stat), so the
+//! message of this process (user + system, all threads, from
+//! `CLOCK_PROCESS_CPUTIME_ID`), so the
 //! broker's work is not counted. Each job runs `BENCH_ROUNDS` times (default
 //! 3), alternating raw and library; for each side the fastest wall time and
 //! the least CPU per message over its rounds are reported.
