@@ -21,6 +21,7 @@ mod common;
 #[path = "real_broker/harness.rs"]
 mod harness;
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::report;
@@ -124,6 +125,7 @@ async fn members_killed_mid_batch_lose_nothing() {
     let started = Instant::now();
     let mut members: Vec<_> = (0..3).map(|_| run.start_member(&pace)).collect();
     let (mut kills, mut in_flight_at_kills, mut kills_mid_batch) = (0, 0, 0);
+    let mut killed_at = HashMap::new();
     while kills < 10 {
         // A random moment, 0.5 to 2.5 s after the last kill.
         tokio::time::sleep(Duration::from_millis(500 + rng.below(2000))).await;
@@ -139,6 +141,10 @@ async fn members_killed_mid_batch_lose_nothing() {
             start.is_some() && start != done
         };
         members[victim].kill9();
+        killed_at.insert(
+            members[victim].name.clone(),
+            time::OffsetDateTime::now_utc(),
+        );
         kills += 1;
         kills_mid_batch += usize::from(mid_batch);
         let name = members[victim].name.clone();
@@ -222,12 +228,34 @@ async fn members_killed_mid_batch_lose_nothing() {
     );
     assert_no_commit_ahead(&run, "at the end");
     let duplicates = handled.duplicates();
+    // tansu 0.6.0 sometimes completes a rebalance before every member has
+    // rejoined: a partition's new owner starts from the last commit while
+    // its old owner is still finishing (and committing) its batches. Those
+    // records are read twice by the broker's doing, and only while two
+    // members held one partition; every other duplicate must be a record a
+    // killed member had handled and not committed.
+    let ownership = run.ownership(&killed_at);
+    let mut by_overlap = 0;
+    let mut overlapped = BTreeSet::new();
+    for handlers in handled.repeated() {
+        let overlap = handlers.iter().enumerate().find_map(|(i, (a, p))| {
+            handlers[i + 1..]
+                .iter()
+                .find(|(b, q)| p == q && a != b && ownership.overlapped(a, b, *p))
+                .map(|(b, _)| format!("partition {p}: {a} and {b}"))
+        });
+        if let Some(overlap) = overlap {
+            by_overlap += handlers.len() - 1;
+            overlapped.insert(overlap);
+        }
+    }
     assert!(
-        duplicates <= in_flight_at_kills,
-        "{duplicates} duplicates, but the killed members had only {in_flight_at_kills} records handled and uncommitted (seed {seed})"
+        duplicates - by_overlap <= in_flight_at_kills,
+        "{duplicates} duplicates ({by_overlap} of them while the broker had given one partition to two members: {overlapped:?}), but the killed members had only {in_flight_at_kills} records handled and uncommitted (seed {seed}; member logs in {})",
+        run.dir.display()
     );
     report(&format!(
-        "crash: {RECORDS} records on 8 partitions, 3 members at a time, {kills} SIGKILLs at random moments ({kills_mid_batch} in the middle of a batch), each replaced once the broker dropped it; done in {elapsed:.1} s; lost 0; no commit ahead of handling at any kill; duplicates {duplicates} <= {in_flight_at_kills} handled-but-uncommitted at the kills; seed {seed}"
+        "crash: {RECORDS} records on 8 partitions, 3 members at a time, {kills} SIGKILLs at random moments ({kills_mid_batch} in the middle of a batch), each replaced once the broker dropped it; done in {elapsed:.1} s; lost 0; no commit ahead of handling at any kill; duplicates {duplicates} <= {in_flight_at_kills} handled-but-uncommitted at the kills + {by_overlap} read while tansu had given a partition to two members {overlapped:?}; seed {seed}"
     ));
 }
 

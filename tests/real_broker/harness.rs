@@ -17,6 +17,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 /// The broker's address: `REAL_BROKER_BOOTSTRAP`. `None` (after saying the
 /// test is skipped, where `cargo test` shows it) when it is not set.
@@ -210,7 +212,11 @@ impl Run {
             )
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "kafka_batch=info".into()),
+                // The rebalance lines are what `Run::ownership` reads.
+                format!(
+                    "{},kafka_batch::consumer::rebalance=info",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "kafka_batch=info".into())
+                ),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -236,6 +242,14 @@ impl Run {
     /// Everything the members wrote down so far.
     pub fn handled(&self) -> Handled {
         Handled::read(&self.dir)
+    }
+
+    /// When each member held which partitions, from the `partitions
+    /// assigned` and `partitions revoked` lines it logged. A member in
+    /// `killed_at` held its last partitions until then; one still running
+    /// holds them still.
+    pub fn ownership(&self, killed_at: &HashMap<String, OffsetDateTime>) -> Ownership {
+        Ownership::read(&self.dir, killed_at)
     }
 
     /// The group's committed offsets now.
@@ -403,6 +417,131 @@ impl Drop for Member {
     }
 }
 
+/// One member's holding of one partition, from an assignment to the end of
+/// its revoke (or its kill; `None`: still held).
+struct Held {
+    member: String,
+    partition: i32,
+    since: OffsetDateTime,
+    until: Option<OffsetDateTime>,
+}
+
+/// Who held which partition when (see [`Run::ownership`]).
+pub struct Ownership {
+    held: Vec<Held>,
+}
+
+impl Ownership {
+    /// Reads the `*.stderr` logs of the members in `dir` (see [`Run::ownership`]).
+    fn read(dir: &Path, killed_at: &HashMap<String, OffsetDateTime>) -> Ownership {
+        let mut held = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("run folder").flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "stderr") {
+                continue;
+            }
+            let member = path
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into());
+            let text = std::fs::read_to_string(&path).expect("member stderr");
+            // Partition -> since when, for what the member holds now.
+            let mut holding: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
+            for line in text.lines().map(without_colours) {
+                let Some((at, assigned, partitions)) = rebalance_line(&line) else {
+                    continue;
+                };
+                for partition in partitions {
+                    if assigned {
+                        holding.insert(partition, at);
+                    } else if let Some(since) = holding.remove(&partition) {
+                        held.push(Held {
+                            member: member.clone(),
+                            partition,
+                            since,
+                            until: Some(at),
+                        });
+                    }
+                }
+            }
+            let until = killed_at.get(&member).copied();
+            for (partition, since) in holding {
+                held.push(Held {
+                    member: member.clone(),
+                    partition,
+                    since,
+                    until,
+                });
+            }
+        }
+        Ownership { held }
+    }
+
+    /// True when members `a` and `b` both held `partition` at one moment:
+    /// the broker gave it to one before the other's revoke had finished.
+    /// (A broker that follows the eager protocol hands out the partitions of
+    /// a rebalance only once every member has revoked its own.)
+    pub fn overlapped<'a>(&self, a: &'a str, b: &'a str, partition: i32) -> bool {
+        let of = |m: &'a str| {
+            self.held
+                .iter()
+                .filter(move |h| h.member == m && h.partition == partition)
+        };
+        of(a).any(|x| {
+            of(b).any(|y| {
+                x.since < y.until.unwrap_or(OffsetDateTime::now_utc())
+                    && y.since < x.until.unwrap_or(OffsetDateTime::now_utc())
+            })
+        })
+    }
+}
+
+/// A line with its terminal colour codes taken out.
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // `ESC [ ... m`
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `(when, assigned (or revoked), partition numbers)` of a line the
+/// consumer logs on a rebalance: `TIME  INFO ...: partitions assigned
+/// partitions=topic[3],topic[4]`.
+fn rebalance_line(line: &str) -> Option<(OffsetDateTime, bool, Vec<i32>)> {
+    let assigned = if line.contains("partitions assigned") {
+        true
+    } else if line.contains("partitions revoked") {
+        false
+    } else {
+        return None;
+    };
+    let time = line.split_whitespace().next()?;
+    let at = OffsetDateTime::parse(time, &Rfc3339).ok()?;
+    let list = line.rsplit_once("partitions=")?.1;
+    let partitions = list
+        .split(',')
+        .filter_map(|tp| {
+            tp.trim()
+                .rsplit_once('[')?
+                .1
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    Some((at, assigned, partitions))
+}
+
 /// What the members wrote down: for each member log, `(partition, offset, id)`.
 pub struct Handled {
     pub by_member: BTreeMap<String, Vec<(i32, i64, String)>>,
@@ -455,6 +594,20 @@ impl Handled {
     /// Handlings beyond the first of each id.
     pub fn duplicates(&self) -> usize {
         self.total() - self.counts().len()
+    }
+
+    /// Each id handled more than once: by which members, of which partition.
+    pub fn repeated(&self) -> Vec<Vec<(&str, i32)>> {
+        let mut by_id: HashMap<&str, Vec<(&str, i32)>> = HashMap::new();
+        for (member, records) in &self.by_member {
+            for (partition, _, id) in records {
+                by_id
+                    .entry(id.as_str())
+                    .or_default()
+                    .push((member.as_str(), *partition));
+            }
+        }
+        by_id.into_values().filter(|h| h.len() > 1).collect()
     }
 
     /// The ids of `0..count` that no member handled.
@@ -563,5 +716,49 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as a member logs them (with colour codes), from a crash run in
+    /// which tansu gave partition 3 to member-6 60 ms before member-9 had
+    /// revoked it.
+    const MEMBER_9: &str = "\u{1b}[2m2026-11-24T13:19:33.389923Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mkafka_batch::consumer::rebalance\u{1b}[0m\u{1b}[2m:\u{1b}[0m partitions assigned \u{1b}[3mpartitions\u{1b}[0m\u{1b}[2m=\u{1b}[0mrb-crash[3],rb-crash[4],rb-crash[5]
+\u{1b}[2m2026-11-24T13:19:39.739492Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mkafka_batch::consumer::rebalance\u{1b}[0m\u{1b}[2m:\u{1b}[0m partitions revoked \u{1b}[3mpartitions\u{1b}[0m\u{1b}[2m=\u{1b}[0mrb-crash[3],rb-crash[4],rb-crash[5]
+2026-11-24T13:19:49.293653Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[3],rb-crash[4],rb-crash[5]
+";
+    const MEMBER_6: &str = "2026-11-24T13:19:27.963744Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[0],rb-crash[1],rb-crash[2]
+2026-11-24T13:19:39.677999Z  INFO kafka_batch::consumer::rebalance: partitions revoked partitions=rb-crash[0],rb-crash[1],rb-crash[2]
+2026-11-24T13:19:39.679017Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[3],rb-crash[4],rb-crash[5]
+2026-11-24T13:19:46.062384Z  INFO kafka_batch::consumer::rebalance: partitions revoked partitions=rb-crash[3],rb-crash[4],rb-crash[5]
+";
+    const MEMBER_13: &str = "2026-11-24T13:19:58.000000Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[3]
+";
+
+    #[test]
+    fn ownership_overlaps_only_where_two_members_held_a_partition_at_once() {
+        let dir = std::env::temp_dir().join(unique("kafka-batch-ownership"));
+        std::fs::create_dir_all(&dir).expect("folder");
+        for (name, text) in [
+            ("member-9", MEMBER_9),
+            ("member-6", MEMBER_6),
+            ("member-13", MEMBER_13),
+        ] {
+            std::fs::write(dir.join(format!("{name}.stderr")), text).expect("log");
+        }
+        let kill = OffsetDateTime::parse("2026-11-24T13:19:50Z", &Rfc3339).expect("time");
+        let ownership = Ownership::read(&dir, &[("member-9".to_string(), kill)].into());
+        // member-6 was given 3 at 39.679, member-9 revoked it at 39.739.
+        assert!(ownership.overlapped("member-6", "member-9", 3));
+        assert!(ownership.overlapped("member-9", "member-6", 4));
+        // member-6 held 0 to 2 alone; member-9's last holding of 3 ended at
+        // its kill, before member-13 was given 3.
+        assert!(!ownership.overlapped("member-6", "member-9", 0));
+        assert!(!ownership.overlapped("member-9", "member-13", 3));
+        assert!(!ownership.overlapped("member-6", "member-13", 3));
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
