@@ -180,9 +180,23 @@ impl Serialize for MessageId {
 
 impl<'de> serde::Deserialize<'de> for MessageId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Borrowed when the input allows (no escapes), owned otherwise.
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(MessageId::from(text.as_ref()))
+        d.deserialize_str(IdVisitor)
+    }
+}
+
+/// Builds the id straight from the text the deserializer has, with no
+/// `String` in between.
+struct IdVisitor;
+
+impl serde::de::Visitor<'_> for IdVisitor {
+    type Value = MessageId;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a message id (a string)")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<MessageId, E> {
+        Ok(MessageId::from(text))
     }
 }
 
@@ -215,5 +229,7 @@ mod tests {
         let id: MessageId = serde_json::from_str(r#""a\"b""#).unwrap();
         assert_eq!(id, "a\"b");
         assert_eq!(serde_json::to_string(&id).unwrap(), r#""a\"b""#);
+        let not_text = serde_json::from_str::<MessageId>("1").unwrap_err();
+        assert!(not_text.to_string().contains("a message id"), "{not_text}");
     }
 }
