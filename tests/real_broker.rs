@@ -141,13 +141,10 @@ async fn members_killed_mid_batch_lose_nothing() {
             start.is_some() && start != done
         };
         members[victim].kill9();
-        killed_at.insert(
-            members[victim].name.clone(),
-            time::OffsetDateTime::now_utc(),
-        );
+        let name = members[victim].name.clone();
+        killed_at.insert(name.clone(), time::OffsetDateTime::now_utc());
         kills += 1;
         kills_mid_batch += usize::from(mid_batch);
-        let name = members[victim].name.clone();
         let committed = tokio::task::block_in_place(|| run.committed());
         let in_flight =
             tokio::task::block_in_place(|| run.handled().uncommitted_of(&name, &committed));

@@ -417,6 +417,24 @@ impl Drop for Member {
     }
 }
 
+/// Each member's file in `dir` with this extension (`member-3.log`): the
+/// member's name and the file's text.
+fn member_files(dir: &Path, extension: &str) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("run folder").flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != extension) {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into());
+        let text = std::fs::read_to_string(&path).expect("member file");
+        files.push((name, text));
+    }
+    files
+}
+
 /// One member's holding of one partition, from an assignment to the end of
 /// its revoke (or its kill; `None`: still held).
 struct Held {
@@ -435,15 +453,7 @@ impl Ownership {
     /// Reads the `*.stderr` logs of the members in `dir` (see [`Run::ownership`]).
     fn read(dir: &Path, killed_at: &HashMap<String, OffsetDateTime>) -> Ownership {
         let mut held = Vec::new();
-        for entry in std::fs::read_dir(dir).expect("run folder").flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "stderr") {
-                continue;
-            }
-            let member = path
-                .file_stem()
-                .map_or_else(String::new, |s| s.to_string_lossy().into());
-            let text = std::fs::read_to_string(&path).expect("member stderr");
+        for (member, text) in member_files(dir, "stderr") {
             // Partition -> since when, for what the member holds now.
             let mut holding: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
             for line in text.lines().map(without_colours) {
@@ -481,16 +491,14 @@ impl Ownership {
     /// (A broker that follows the eager protocol hands out the partitions of
     /// a rebalance only once every member has revoked its own.)
     pub fn overlapped<'a>(&self, a: &'a str, b: &'a str, partition: i32) -> bool {
+        let now = OffsetDateTime::now_utc();
         let of = |m: &'a str| {
             self.held
                 .iter()
                 .filter(move |h| h.member == m && h.partition == partition)
         };
         of(a).any(|x| {
-            of(b).any(|y| {
-                x.since < y.until.unwrap_or(OffsetDateTime::now_utc())
-                    && y.since < x.until.unwrap_or(OffsetDateTime::now_utc())
-            })
+            of(b).any(|y| x.since < y.until.unwrap_or(now) && y.since < x.until.unwrap_or(now))
         })
     }
 }
@@ -550,12 +558,7 @@ pub struct Handled {
 impl Handled {
     fn read(dir: &Path) -> Handled {
         let mut by_member = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).expect("run folder").flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "log") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("member log");
+        for (name, text) in member_files(dir, "log") {
             // A line cut short by SIGKILL in the middle of a write was never
             // handled (the handler had not returned): only whole lines count.
             let whole = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
@@ -569,9 +572,6 @@ impl Handled {
                     (partition, offset, field().to_string())
                 })
                 .collect();
-            let name = path
-                .file_stem()
-                .map_or_else(String::new, |s| s.to_string_lossy().into());
             by_member.insert(name, records);
         }
         Handled { by_member }
