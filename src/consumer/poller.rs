@@ -11,21 +11,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::BorrowedMessage;
-use rdkafka::{Message as _, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message as _, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{Batch, BatchBuilder, Seen};
-use super::gaps::{Expectation, Gap, GapGuard};
+use super::commit::{commit_finished, final_commit, COMMIT_RETRY};
+use super::gaps::{Gap, GapGuard};
 use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
-use super::{InFlight, PendingSeek, PollerState, Redelivery, Shared};
+use super::retry::{redelivered, resume_due, retry_record, seek_back};
+use super::state::{InFlight, PollerState, Redelivery, Shared};
 use crate::error::Error;
-use crate::failure::record::read_headers;
-use crate::failure::FailureInfo;
 use crate::offsets::TopicPartition;
 use crate::settings::{ConsumerSettings, FailurePolicy};
 
@@ -41,12 +40,6 @@ const PAUSE_AFTER: Duration = Duration::from_millis(1000);
 /// While records are ready without waiting, the clock is read once every
 /// this many (see `run`).
 const RECORDS_PER_CLOCK_READ: u32 = 32;
-/// How long to wait before retrying a failed commit.
-const COMMIT_RETRY: Duration = Duration::from_millis(500);
-/// Attempts at the last commit before the consumer closes.
-const FINAL_COMMIT_ATTEMPTS: u32 = 5;
-/// How long a seek back for a retry may take.
-const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     consumer: BaseConsumer<PollerContext>,
@@ -360,195 +353,5 @@ fn set_paused(
             tracing::trace!(pause, "partitions paused or resumed");
         }
         Err(e) => tracing::warn!(error = %e, pause, "cannot pause or resume the partitions"),
-    }
-}
-
-/// How a record of the retry topic enters the batch: `None` when it is not
-/// due yet. Then its partition is paused and sought back to it, to be resumed
-/// when it is due; the consumer's other partitions keep flowing.
-fn retry_record(m: &BorrowedMessage<'_>, step: usize, shared: &Shared) -> Option<Seen> {
-    let headers = read_headers(m);
-    let info = FailureInfo::from_headers(
-        headers
-            .iter()
-            .map(|h| (h.key.as_slice(), h.value.as_deref())),
-    );
-    if let Some(wait) = info.due_ms.and_then(super::runner::until_due) {
-        let tp = TopicPartition::new(m.topic(), m.partition());
-        let mut st = shared.lock();
-        if let Some(generation) = st.tracker.generation(&tp) {
-            tracing::debug!(partition = %tp, offset = m.offset(), wait_ms = wait.as_millis() as u64, "retry record not due yet: its partition waits");
-            st.seeks.push(PendingSeek {
-                tp,
-                generation,
-                offset: m.offset(),
-                due: Instant::now() + wait,
-            });
-        }
-        return None;
-    }
-    Some(Seen::New(ChainState {
-        step,
-        used: info.retries,
-        attempts: info.attempts,
-    }))
-}
-
-/// How a record of a rewound partition enters the batch, or `None` when its
-/// partition is not being read again (any more).
-fn redelivered(
-    redelivery: &mut Vec<(TopicPartition, Redelivery)>,
-    m: &BorrowedMessage<'_>,
-    shared: &Shared,
-) -> Option<Seen> {
-    let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-    let index = redelivery
-        .iter()
-        .position(|(tp, _)| tp.partition == partition && &*tp.topic == topic)?;
-    let (tp, r) = &redelivery[index];
-    let current = shared.lock().tracker.generation(tp) == Some(r.generation);
-    if !current || offset >= r.until {
-        redelivery.swap_remove(index);
-        return None;
-    }
-    Some(match r.states.get(&offset) {
-        Some(state) => Seen::New(*state),
-        None => Seen::AlreadyHandled,
-    })
-}
-
-/// Pauses each partition a retry asked for and seeks it back. A partition
-/// whose seek fails keeps handing out nothing, and the seek is tried again.
-fn seek_back(consumer: &BaseConsumer<PollerContext>, st: &mut PollerState) {
-    if st.seeks.is_empty() {
-        return;
-    }
-    let seeks = std::mem::take(&mut st.seeks);
-    for seek in seeks {
-        if st.tracker.generation(&seek.tp) != Some(seek.generation) {
-            continue; // revoked or rewound again since
-        }
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        tpl.add_partition(&seek.tp.topic, seek.tp.partition);
-        // Pause first: pausing sets the fetch position to after the last
-        // record read, and the seek then moves it back.
-        let paused = consumer.pause(&tpl);
-        let sought = paused.and_then(|()| {
-            consumer.seek(
-                &seek.tp.topic,
-                seek.tp.partition,
-                Offset::Offset(seek.offset),
-                SEEK_TIMEOUT,
-            )
-        });
-        match sought {
-            Ok(()) => {
-                tracing::debug!(partition = %seek.tp, offset = seek.offset, "partition sought back, paused until the retry is due");
-                st.expectations.push(Expectation {
-                    tp: seek.tp.clone(),
-                    generation: seek.generation,
-                    next: Some(seek.offset),
-                });
-                st.backoff.insert(seek.tp, seek.due);
-            }
-            Err(e) => {
-                tracing::warn!(partition = %seek.tp, offset = seek.offset, error = %e, "cannot seek back for a retry; trying again");
-                st.seeks.push(seek);
-            }
-        }
-    }
-}
-
-/// Resumes the partitions whose retry is due (unless all are paused for
-/// back-pressure: then they resume with the others).
-fn resume_due(consumer: &BaseConsumer<PollerContext>, st: &mut PollerState) {
-    if st.backoff.is_empty() {
-        return;
-    }
-    let now = Instant::now();
-    let due: Vec<TopicPartition> = st
-        .backoff
-        .iter()
-        .filter(|(_, at)| **at <= now)
-        .map(|(tp, _)| tp.clone())
-        .collect();
-    for tp in due {
-        if !st.paused {
-            let mut tpl = TopicPartitionList::with_capacity(1);
-            tpl.add_partition(&tp.topic, tp.partition);
-            if let Err(e) = consumer.resume(&tpl) {
-                tracing::warn!(partition = %tp, error = %e, "cannot resume a partition after its retry wait; trying again");
-                continue;
-            }
-        }
-        st.backoff.remove(&tp);
-    }
-}
-
-/// Commits every partition whose finished run moved since the last commit.
-pub(super) fn commit_finished(
-    consumer: &BaseConsumer<PollerContext>,
-    st: &mut PollerState,
-    shared: &Shared,
-) -> Result<(), KafkaError> {
-    if !shared.commit {
-        return Ok(());
-    }
-    let offsets = st.tracker.committable();
-    commit_offsets(consumer, &offsets, shared)?;
-    for (tp, offset) in &offsets {
-        st.tracker.committed(tp, *offset);
-    }
-    Ok(())
-}
-
-/// Commits exactly these offsets (the next offset to read), synchronously.
-pub(super) fn commit_offsets(
-    consumer: &BaseConsumer<PollerContext>,
-    offsets: &[(TopicPartition, i64)],
-    shared: &Shared,
-) -> Result<(), KafkaError> {
-    if offsets.is_empty() {
-        return Ok(());
-    }
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for (tp, offset) in offsets {
-        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
-    }
-    match consumer.commit(&tpl, CommitMode::Sync) {
-        Ok(()) => {
-            shared.metrics.commits.increment(1);
-            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(offsets = ?offsets, "offsets committed");
-            Ok(())
-        }
-        // Nothing new to commit is not a failure.
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
-        Err(e) => {
-            shared.metrics.commit_failures.increment(1);
-            shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, offsets = ?offsets, "offset commit failed; it will be retried");
-            Err(e)
-        }
-    }
-}
-
-/// The commit made before closing, retried a few times; a failure is returned.
-fn final_commit(consumer: &BaseConsumer<PollerContext>, shared: &Shared) -> Result<(), Error> {
-    let mut attempt = 1;
-    loop {
-        let result = {
-            let mut st = shared.lock();
-            st.drain(consumer, shared);
-            commit_finished(consumer, &mut st, shared)
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt >= FINAL_COMMIT_ATTEMPTS => return Err(Error::Commit(e)),
-            Err(_) => {
-                attempt += 1;
-                std::thread::sleep(COMMIT_RETRY);
-            }
-        }
     }
 }

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::commit::commit_finished;
 use super::gaps::Expectation;
-use super::poller::commit_finished;
-use super::Shared;
+use super::state::Shared;
 use crate::offsets::TopicPartition;
 
 /// The consumer's librdkafka context: rebalance callbacks over the shared state.

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::Instrument;
 
 use super::batch::Batch;
+use super::failure_reason;
 use super::forward::{Destination, Forwarder, Outgoing};
 use super::policy::{unit_random, Action, Chain, ChainState};
-use super::{failure_reason, Rewind, Shared, ToPoller};
+use super::state::{Rewind, Shared, ToPoller};
 use crate::envelope::Message;
 use crate::error::{BoxError, Error};
 use crate::failure::record::KeptRecord;
