@@ -42,6 +42,7 @@ use rebalance::PollerContext;
 use state::{Shared, ToPoller};
 
 pub use handle::ConsumerHandle;
+pub use runner::HandlerTimeout;
 pub use stats::ConsumerStats;
 
 /// Consumes batches of enveloped JSON messages and commits each batch's
@@ -203,6 +204,11 @@ impl Consumer {
             .await;
             match ran {
                 Ok(result) => result,
+                // A panic on the blocking pool is the handler's panic: raised
+                // again here, it is caught and treated as in `process`.
+                Err(join_error) if join_error.is_panic() => {
+                    std::panic::resume_unwind(join_error.into_panic())
+                }
                 Err(join_error) => Err(Box::new(join_error) as BoxError),
             }
         })

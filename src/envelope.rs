@@ -255,6 +255,10 @@ pub struct Origin {
     pub partition: i32,
     /// The record's offset.
     pub offset: i64,
+    /// The assignment generation it was read under (0 outside a consumer),
+    /// so that a manual commit settles this reading of the record and no
+    /// later one.
+    pub(crate) generation: crate::offsets::Generation,
 }
 
 /// One message: an id, a payload of the user's type, and where it came from.
@@ -330,7 +334,13 @@ impl<T> Message<T> {
 
     /// A consumed message with no id or refs yet: [`Message::set_source`]
     /// fills them in.
-    pub(crate) fn consumed(payload: T, topic: &Arc<str>, partition: i32, offset: i64) -> Self {
+    pub(crate) fn consumed(
+        payload: T,
+        topic: &Arc<str>,
+        partition: i32,
+        offset: i64,
+        generation: crate::offsets::Generation,
+    ) -> Self {
         Message {
             id: MessageId::default(),
             payload,
@@ -339,6 +349,7 @@ impl<T> Message<T> {
                 topic: Arc::clone(topic),
                 partition,
                 offset,
+                generation,
             }),
         }
     }
@@ -461,7 +472,7 @@ pub(crate) fn unpack_sharing<T: DeserializeOwned>(
     let Some(parts) = unpack_parts(record, last)? else {
         return Ok(None);
     };
-    let mut message = Message::consumed(parts.payload, topic, record.partition, record.offset);
+    let mut message = Message::consumed(parts.payload, topic, record.partition, record.offset, 0);
     message.set_source(parts.key, parts.hist);
     Ok(Some(message))
 }

@@ -11,10 +11,9 @@
 //! | `kafka_batch_skipped_records_total` | counter | `service`, `reason` = `tombstone` / `unsubscribed_topic`, or a failure reason for the `skip` policy | records never handed to the handler, or failed and skipped |
 //! | `kafka_batch_retries_total` | counter | `service`, `kind` = `in_place` / `topic`, `reason` | failed records sent to be retried |
 //! | `kafka_batch_dead_letters_total` | counter | `service`, `reason` | records written to the dead-letter topic |
-//!
-//! A failure `reason` is `handler` (the handler failed the message), or the
-//! decode error's kind: `null_key`, `key_not_utf8`, `not_json`,
-//! `not_envelope`, `payload_type`.
+//! | `kafka_batch_handler_panics_total` | counter | `service` | batches whose handler panicked (each stopped the consumer) |
+//! | `kafka_batch_handler_timeouts_total` | counter | `service` | batches whose handler ran past `handler_timeout_ms` |
+//! | `kafka_batch_offset_gaps_total` | counter | `service` | records the broker did not deliver (see `consumer.on_gap`) |
 //! | `kafka_batch_commits_total` | counter | `service` | successful offset commits |
 //! | `kafka_batch_commit_failures_total` | counter | `service` | failed offset commits (retried) |
 //! | `kafka_batch_rebalances_total` | counter | `service`, `kind` = `assign` / `revoke` / `error` | group rebalances seen |
@@ -22,6 +21,10 @@
 //! | `kafka_batch_produced_total` | counter | `service`, `topic` | records delivered |
 //! | `kafka_batch_produce_failures_total` | counter | `service`, `topic` | records whose delivery failed |
 //! | `kafka_batch_oversized_skipped_total` | counter | `service`, `topic` | records skipped as too large (`producer.skip_oversized`) |
+//!
+//! A failure `reason` is `handler` (the handler failed the message), or the
+//! decode error's kind: `null_key`, `key_not_utf8`, `not_json`,
+//! `not_envelope`, `payload_type`.
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
@@ -56,6 +59,8 @@ pub(crate) struct ConsumerMetrics {
     pub rebalance_errors: Counter,
     pub paused: Gauge,
     pub offset_gaps: Counter,
+    pub handler_panics: Counter,
+    pub handler_timeouts: Counter,
     service: String,
 }
 
@@ -78,6 +83,8 @@ impl ConsumerMetrics {
             rebalance_errors: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "error"),
             paused: gauge!("kafka_batch_paused", "service" => svc.clone()),
             offset_gaps: counter!("kafka_batch_offset_gaps_total", "service" => svc.clone()),
+            handler_panics: counter!("kafka_batch_handler_panics_total", "service" => svc.clone()),
+            handler_timeouts: counter!("kafka_batch_handler_timeouts_total", "service" => svc.clone()),
             service: svc,
         }
     }

@@ -49,6 +49,52 @@ struct HandedOut {
     end: i64,
     finished: bool,
     generation: Generation,
+    /// Offsets settled one by one before the whole range finished (manual
+    /// commits), as sorted, disjoint, non-adjacent half-open intervals.
+    settled: Vec<(i64, i64)>,
+}
+
+impl HandedOut {
+    fn new(first: i64, end: i64, finished: bool, generation: Generation) -> Self {
+        HandedOut {
+            first,
+            end,
+            finished,
+            generation,
+            settled: Vec::new(),
+        }
+    }
+
+    /// Marks `from..to` (clamped to the range) settled.
+    fn settle(&mut self, from: i64, to: i64) {
+        let (from, to) = (from.max(self.first), to.min(self.end));
+        if from >= to || self.finished {
+            return;
+        }
+        let mut merged = (from, to);
+        let mut kept = Vec::with_capacity(self.settled.len() + 1);
+        for &(a, b) in &self.settled {
+            if b < merged.0 || a > merged.1 {
+                kept.push((a, b));
+            } else {
+                merged = (merged.0.min(a), merged.1.max(b));
+            }
+        }
+        kept.push(merged);
+        kept.sort_unstable();
+        self.settled = kept;
+        if self.settled.first() == Some(&(self.first, self.end)) {
+            self.finished = true;
+        }
+    }
+
+    /// One past the last offset of the settled run from `first`, if any.
+    fn settled_prefix(&self) -> Option<i64> {
+        match self.settled.first() {
+            Some(&(a, b)) if a == self.first => Some(b),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -62,12 +108,21 @@ struct PartitionOffsets {
 }
 
 impl PartitionOffsets {
-    /// Moves the watermark over the finished ranges at the front; true when it moved.
+    /// Moves the watermark over the finished ranges at the front, and into
+    /// the front range as far as its records were settled one by one; true
+    /// when it moved.
     fn advance(&mut self) -> bool {
         let mut moved = false;
         while self.handed_out.front().is_some_and(|r| r.finished) {
             if let Some(done) = self.handed_out.pop_front() {
                 self.watermark = Some(done.end);
+                moved = true;
+            }
+        }
+        let prefix = self.handed_out.front().and_then(HandedOut::settled_prefix);
+        if let Some(upto) = prefix {
+            if self.watermark.is_none_or(|w| w < upto) {
+                self.watermark = Some(upto);
                 moved = true;
             }
         }
@@ -124,6 +179,11 @@ impl OffsetTracker {
         self.partitions.remove(tp);
     }
 
+    /// Every partition assigned.
+    pub fn partitions(&self) -> Vec<TopicPartition> {
+        self.partitions.keys().cloned().collect()
+    }
+
     /// The current generation of `tp`, or `None` when it is not assigned.
     pub fn generation(&self, tp: &TopicPartition) -> Option<Generation> {
         self.partitions.get(tp).map(|p| p.generation)
@@ -135,12 +195,8 @@ impl OffsetTracker {
     /// when `tp` is not assigned.
     pub fn handed_out(&mut self, tp: &TopicPartition, first: i64, end: i64) -> Option<Generation> {
         let p = self.partitions.get_mut(tp)?;
-        p.handed_out.push_back(HandedOut {
-            first,
-            end,
-            finished: false,
-            generation: p.generation,
-        });
+        p.handed_out
+            .push_back(HandedOut::new(first, end, false, p.generation));
         Some(p.generation)
     }
 
@@ -161,6 +217,48 @@ impl OffsetTracker {
         range.finished = true;
         self.uncommitted |= p.advance();
         true
+    }
+
+    /// Marks single records of `tp`, handed out in `generation`, settled
+    /// before their batch finished (a manual commit of some messages). An
+    /// offset not handed out in that generation changes nothing. Returns
+    /// how many of the offsets were held.
+    pub fn settle_records(
+        &mut self,
+        tp: &TopicPartition,
+        generation: Generation,
+        offsets: impl IntoIterator<Item = i64>,
+    ) -> usize {
+        let Some(p) = self.partitions.get_mut(tp) else {
+            return 0;
+        };
+        let mut held = 0;
+        for offset in offsets {
+            if let Some(range) = p
+                .handed_out
+                .iter_mut()
+                .find(|r| r.generation == generation && r.first <= offset && offset < r.end)
+            {
+                range.settle(offset, offset + 1);
+                held += 1;
+            }
+        }
+        self.uncommitted |= p.advance();
+        held
+    }
+
+    /// Marks every record of `tp` handed out before `offset` settled (a
+    /// manual commit of an offset: the caller says all of them were dealt
+    /// with). Records not handed out are not: the watermark stops at the
+    /// first of them.
+    pub fn settle_before(&mut self, tp: &TopicPartition, offset: i64) {
+        let Some(p) = self.partitions.get_mut(tp) else {
+            return;
+        };
+        for range in p.handed_out.iter_mut() {
+            range.settle(range.first, offset);
+        }
+        self.uncommitted |= p.advance();
     }
 
     /// True while the range of `tp` starting at `first`, handed out in
@@ -196,12 +294,8 @@ impl OffsetTracker {
             .position(|r| r.first == first && r.generation == generation)?;
         p.handed_out.truncate(index);
         if upto > first {
-            p.handed_out.push_back(HandedOut {
-                first,
-                end: upto,
-                finished: true,
-                generation,
-            });
+            p.handed_out
+                .push_back(HandedOut::new(first, upto, true, generation));
         }
         self.uncommitted |= p.advance();
         self.next_generation += 1;
@@ -336,7 +430,89 @@ mod tests {
         assert!(!t.has_unfinished(&tp(0)));
     }
 
+    #[test]
+    fn records_settled_one_by_one_move_the_watermark_only_over_a_contiguous_run() {
+        let mut t = OffsetTracker::default();
+        let g = t.assign(tp(0));
+        t.handed_out(&tp(0), 0, 10);
+        t.handed_out(&tp(0), 10, 20);
+        // Messages 0 and 9 committed by hand while 1 to 8 are unsettled.
+        assert_eq!(t.settle_records(&tp(0), g, [0, 9]), 2);
+        assert_eq!(t.committable(), vec![(tp(0), 1)]);
+        assert_eq!(
+            t.settle_records(&tp(0), g + 1, [1, 2]),
+            0,
+            "another generation's records are not these"
+        );
+        assert_eq!(t.settle_records(&tp(0), g, [99]), 0, "not handed out");
+        t.settle_records(&tp(0), g, 1..9);
+        assert_eq!(
+            t.watermark(&tp(0)),
+            Some(10),
+            "the whole range settled finishes it"
+        );
+        assert!(t.holds(&tp(0), g, 10));
+        // The second batch then fails at 12: only 10 and 11 were handled.
+        let g2 = t.rewind(&tp(0), g, 10, 12).expect("held");
+        assert_eq!(t.watermark(&tp(0)), Some(12));
+        // Settling an offset never moves the watermark back.
+        t.handed_out(&tp(0), 12, 15);
+        t.settle_records(&tp(0), g2, [12]);
+        assert_eq!(t.watermark(&tp(0)), Some(13));
+    }
+
+    #[test]
+    fn settling_before_an_offset_stops_at_records_not_handed_out() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp(0));
+        t.handed_out(&tp(0), 0, 10);
+        t.settle_before(&tp(0), 4);
+        assert_eq!(t.committable(), vec![(tp(0), 4)]);
+        t.settle_before(&tp(0), 1_000);
+        assert_eq!(
+            t.watermark(&tp(0)),
+            Some(10),
+            "never past what was handed out"
+        );
+        assert!(!t.has_unfinished(&tp(0)));
+    }
+
     proptest! {
+        /// Records settled one by one, in any order, with ranges finishing in
+        /// any order: the watermark is always the end of the contiguous run
+        /// of settled offsets from the first handed out.
+        #[test]
+        fn single_settlements_never_move_the_watermark_past_an_unsettled_offset(
+            sizes in prop::collection::vec(1i64..8, 1..10),
+            steps in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>()), 0..80),
+        ) {
+            let mut t = OffsetTracker::default();
+            let g = t.assign(tp(0));
+            let mut ranges = Vec::new();
+            let mut offset = 0;
+            for size in sizes {
+                t.handed_out(&tp(0), offset, offset + size);
+                ranges.push((offset, offset + size));
+                offset += size;
+            }
+            let mut settled = vec![false; offset as usize];
+            for (whole_range, index) in steps {
+                if whole_range {
+                    let (first, end) = ranges[index.index(ranges.len())];
+                    t.finished(&tp(0), g, first);
+                    for o in first..end {
+                        settled[o as usize] = true;
+                    }
+                } else {
+                    let o = index.index(offset as usize);
+                    t.settle_records(&tp(0), g, [o as i64]);
+                    settled[o] = true;
+                }
+                let run = settled.iter().take_while(|s| **s).count() as i64;
+                prop_assert_eq!(t.watermark(&tp(0)), (run > 0).then_some(run));
+            }
+        }
+
         /// Whatever order batches finish in, and whichever fail, the watermark
         /// never passes the first offset of a range that did not finish.
         #[test]

@@ -174,6 +174,18 @@ pub struct ConsumerSettings {
     /// partitions before giving them up (their records will be read again by
     /// the next owner).
     pub revoke_timeout_ms: u64,
+    /// How long one batch's handler may run before it counts as failed (its
+    /// future is dropped, and the batch goes through the failure chain with
+    /// an error naming this limit). 0: no limit.
+    pub handler_timeout_ms: u64,
+    /// Shutting down during a rebalance: how long the consumer keeps serving
+    /// the rebalance (so that its revoke commits what was handled) when the
+    /// broker refuses the final commit because the group is rebalancing.
+    pub shutdown_timeout_ms: u64,
+    /// What to do when the broker returns a record past the one expected
+    /// (the records between were not delivered): `warn` (log and count, then
+    /// go on) or `fail` (stop before committing past the gap).
+    pub on_gap: OnGap,
     /// What happens to failed messages and undecodable records.
     pub failure: FailureSettings,
     /// librdkafka properties for the consumer, over the top-level `kafka`.
@@ -196,11 +208,38 @@ impl Default for ConsumerSettings {
             latest_only: false,
             commit: true,
             revoke_timeout_ms: 30_000,
+            handler_timeout_ms: 0,
+            shutdown_timeout_ms: 30_000,
+            on_gap: OnGap::Warn,
             failure: FailureSettings::default(),
             kafka: KafkaProperties::default(),
             service: DEFAULT_SERVICE.into(),
         }
     }
+}
+
+/// What the consumer does when the broker skips records (`consumer.on_gap`).
+///
+/// The consumer expects each partition to continue exactly where it was
+/// committed, or sought to, and each record to follow the one before. A
+/// record further on means the records between were not delivered: a
+/// compacted topic and the markers of transactional producers do this
+/// legitimately; so does `auto.offset.reset` after a rewind to an offset
+/// that retention has deleted, and a broker that skips records it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OnGap {
+    /// Log a warning naming the missing offsets, count it
+    /// (`kafka_batch_offset_gaps_total`), and go on: the commit moves past
+    /// the gap. Right for compacted topics and transactional producers.
+    #[default]
+    Warn,
+    /// Stop the consumer before it commits past the gap: `process` returns
+    /// [`Error::Gap`](crate::Error::Gap) once the records before it are
+    /// handled and committed. For topics that are neither compacted nor
+    /// written by transactional producers, where a gap means lost records.
+    Fail,
 }
 
 /// The producer's settings (the `[producer]` table).
@@ -450,6 +489,26 @@ impl ConsumerSettings {
         Duration::from_millis(self.batch_timeout_ms)
     }
 
+    /// `handler_timeout_ms` as a duration; `None` when there is no limit.
+    pub fn handler_timeout(&self) -> Option<Duration> {
+        (self.handler_timeout_ms > 0).then(|| Duration::from_millis(self.handler_timeout_ms))
+    }
+
+    /// librdkafka's `max.poll.interval.ms` as this consumer will run it
+    /// (kafka-batch's default unless the `kafka` table sets it).
+    pub fn max_poll_interval(&self) -> Option<Duration> {
+        self.kafka
+            .get("max.poll.interval.ms")
+            .or_else(|| {
+                CONSUMER_DEFAULTS
+                    .iter()
+                    .find(|(k, _)| *k == "max.poll.interval.ms")
+                    .map(|(_, v)| *v)
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis)
+    }
+
     fn check_values(&self) -> Result<(), SettingsError> {
         let positive = [
             ("consumer.batch_size", self.batch_size as u64),
@@ -466,17 +525,7 @@ impl ConsumerSettings {
                 ));
             }
         }
-        let max_poll_interval = self
-            .kafka
-            .get("max.poll.interval.ms")
-            .or_else(|| {
-                CONSUMER_DEFAULTS
-                    .iter()
-                    .find(|(k, _)| *k == "max.poll.interval.ms")
-                    .map(|(_, v)| *v)
-            })
-            .and_then(|v| v.parse::<u64>().ok());
-        if let Some(max) = max_poll_interval {
+        if let Some(max) = self.max_poll_interval().map(|d| d.as_millis() as u64) {
             if self.revoke_timeout_ms >= max {
                 return Err(SettingsError::invalid(
                     "consumer.revoke_timeout_ms",

@@ -409,6 +409,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
                     &range.tp.topic,
                     record.partition,
                     record.offset,
+                    range.generation,
                 ));
                 self.bytes += size;
             }
@@ -418,6 +419,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
                     &range.tp.topic,
                     record.partition,
                     record.offset,
+                    range.generation,
                 );
                 message.set_source(parts.key, parts.hist);
                 if self.keep_state {

@@ -2,7 +2,7 @@
 //! past a record that was not dealt with.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -66,12 +66,32 @@ pub(super) fn commit_offsets(
     }
 }
 
+/// True for a commit the broker refused because the group is rebalancing:
+/// this member's partitions are being handed over, and its revoke (or the
+/// next owner) takes care of what it handled.
+fn refused_for_rebalance(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::IllegalGeneration
+        )
+    )
+}
+
 /// The commit made before closing, retried a few times; a failure is returned.
+///
+/// A commit refused because the group is rebalancing (a rolling deploy
+/// stops members while the group rebalances) is not a failure of the
+/// service: the consumer keeps serving the rebalance, for up to
+/// `serve_for`, so that its revoke commits what was handled (records
+/// polled meanwhile are left for the next owner), and then closes cleanly.
 pub(super) fn final_commit(
     consumer: &BaseConsumer<PollerContext>,
     shared: &Shared,
+    serve_for: Duration,
 ) -> Result<(), Error> {
     let mut attempt = 1;
+    let mut serve_until: Option<Instant> = None;
     loop {
         let result = {
             let mut st = shared.lock();
@@ -80,11 +100,35 @@ pub(super) fn final_commit(
         };
         match result {
             Ok(()) => return Ok(()),
+            Err(e) if refused_for_rebalance(&e) => {
+                let until = *serve_until.get_or_insert_with(|| {
+                    tracing::info!(error = %e, "the final commit was refused while the group rebalances: serving the rebalance, whose revoke commits what was handled");
+                    Instant::now() + serve_for
+                });
+                if Instant::now() >= until {
+                    return Err(Error::Commit(e));
+                }
+                serve_rebalance(consumer, COMMIT_RETRY);
+            }
             Err(e) if attempt >= FINAL_COMMIT_ATTEMPTS => return Err(Error::Commit(e)),
             Err(_) => {
                 attempt += 1;
                 std::thread::sleep(COMMIT_RETRY);
             }
+        }
+    }
+}
+
+/// Polls for `period` so that librdkafka serves the group's rebalance (its
+/// callbacks run inside `poll`). Records it returns are dropped unread: the
+/// consumer is closing, and they were never handed out or committed.
+fn serve_rebalance(consumer: &BaseConsumer<PollerContext>, period: Duration) {
+    let deadline = Instant::now() + period;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        // `poll` may return early after serving a callback: re-check the clock.
+        let _ = consumer.poll(left.min(Duration::from_millis(50)));
+        if left.is_zero() {
+            break;
         }
     }
 }

@@ -4,11 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 
-use super::state::{Shared, ToPoller};
+use super::state::{Settle, Shared, ToPoller};
 use super::ConsumerStats;
 use crate::envelope::Message;
 use crate::error::Error;
-use crate::offsets::TopicPartition;
+use crate::offsets::{Generation, TopicPartition};
 
 /// Controls a running consumer. Cheap to clone; usable from the handler.
 ///
@@ -73,9 +73,19 @@ impl ConsumerHandle {
         })
     }
 
-    /// Commits offsets by hand (`offset` is the next offset to read), for a
-    /// consumer with `commit = false`. Partitions this consumer does not own
-    /// any more are left out. Returns when the broker answered.
+    /// Commits by hand, for a consumer with `consumer.commit = false`: each
+    /// `(topic, partition, offset)` says that every record of that partition
+    /// before `offset` (the next offset to read) that this consumer handed
+    /// out was dealt with. Returns when the broker answered.
+    ///
+    /// Like every commit, it goes through the consumer's offset tracker: it
+    /// commits each partition's contiguous run of settled records, so never
+    /// past a record not handed out yet, and never past one still waiting
+    /// for a retry. Batches the handler returned `Ok` for are settled too.
+    /// Partitions this consumer does not own any more are left out.
+    ///
+    /// A consumer with `commit = true` refuses it ([`Error::ManualCommit`]):
+    /// it commits each batch itself, and a commit by hand would race it.
     pub async fn commit<'a>(
         &self,
         offsets: impl IntoIterator<Item = (&'a str, i32, i64)>,
@@ -84,30 +94,55 @@ impl ConsumerHandle {
             .into_iter()
             .map(|(topic, partition, offset)| (TopicPartition::new(topic, partition), offset))
             .collect();
+        self.request_commit(Settle::Before(offsets)).await
+    }
+
+    /// Commits by hand, for a consumer with `consumer.commit = false`: these
+    /// messages were dealt with. Returns when the broker answered.
+    ///
+    /// Each message is settled as the reading it came from (a message read
+    /// before a rebalance or a rewind settles nothing: it will be read
+    /// again), and then each partition's contiguous run of settled records
+    /// is committed: committing messages 5 and 9 while 6 to 8 are not dealt
+    /// with commits 6, not 10. Records between messages that the handler
+    /// never sees (tombstones, records skipped by a policy) are settled with
+    /// their batch, when the handler returns.
+    ///
+    /// A consumer with `commit = true` refuses it ([`Error::ManualCommit`]).
+    pub async fn commit_messages<T>(&self, messages: &[Message<T>]) -> Result<(), Error> {
+        let mut records: Vec<(TopicPartition, Generation, Vec<i64>)> = Vec::new();
+        for origin in messages.iter().filter_map(Message::origin) {
+            match records.iter_mut().find(|(tp, g, _)| {
+                *g == origin.generation
+                    && tp.partition == origin.partition
+                    && tp.topic == origin.topic
+            }) {
+                Some((_, _, offsets)) => offsets.push(origin.offset),
+                None => records.push((
+                    TopicPartition {
+                        topic: origin.topic.clone(),
+                        partition: origin.partition,
+                    },
+                    origin.generation,
+                    vec![origin.offset],
+                )),
+            }
+        }
+        self.request_commit(Settle::Records(records)).await
+    }
+
+    async fn request_commit(&self, settle: Settle) -> Result<(), Error> {
+        if self.shared.commit {
+            return Err(Error::ManualCommit);
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.events
-            .send(ToPoller::Commit { offsets, reply })
+            .send(ToPoller::Commit { settle, reply })
             .map_err(|_| Error::Stopped)?;
         answer
             .await
             .map_err(|_| Error::Stopped)?
             .map_err(Error::Commit)
-    }
-
-    /// Commits, for each partition of `messages`, the offset after the last
-    /// of them (for a consumer with `commit = false`).
-    pub async fn commit_messages<T>(&self, messages: &[Message<T>]) -> Result<(), Error> {
-        let mut next: Vec<(&str, i32, i64)> = Vec::new();
-        for origin in messages.iter().filter_map(Message::origin) {
-            match next
-                .iter_mut()
-                .find(|(t, p, _)| *p == origin.partition && *t == &*origin.topic)
-            {
-                Some(entry) => entry.2 = entry.2.max(origin.offset + 1),
-                None => next.push((&origin.topic, origin.partition, origin.offset + 1)),
-            }
-        }
-        self.commit(next).await
     }
 
     /// The consumer's counters so far.

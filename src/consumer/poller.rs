@@ -22,11 +22,12 @@ use super::commit::{commit_finished, final_commit, COMMIT_RETRY};
 use super::gaps::{Gap, GapGuard};
 use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
-use super::retry::{redelivered, resume_due, retry_record, seek_back};
-use super::state::{InFlight, PollerState, Redelivery, Shared};
+use super::retry::{resume_due, retry_record, seek_back, Plans};
+use super::state::{InFlight, PollerState, Shared};
+use crate::envelope::{BatchRef, PartitionRange};
 use crate::error::Error;
 use crate::offsets::TopicPartition;
-use crate::settings::{ConsumerSettings, FailurePolicy};
+use crate::settings::{ConsumerSettings, FailurePolicy, OnGap};
 
 /// The longest a single poll blocks, so outcomes and shutdown are noticed quickly.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(50);
@@ -59,7 +60,10 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         .has(FailurePolicy::RetryTopic)
         .then_some(settings.failure.retry_topic.topic.as_str());
     let retry_topic_step = chain.step_of(FailurePolicy::RetryTopic).unwrap_or(0);
-    let mut redelivery: Vec<(TopicPartition, Redelivery)> = Vec::new();
+    let mut redelivery = Plans::default();
+    // A batch in the handler longer than this is logged: the poller keeps a
+    // hung handler's consumer in its group, so nothing else would say so.
+    let long_batch = settings.max_poll_interval();
     let mut builder = BatchBuilder::<T>::new(settings).with_chain(&chain);
     let mut ready: VecDeque<Batch<T>> = VecDeque::new();
     let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
@@ -103,18 +107,17 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // Retries: partitions to seek back, partitions whose wait is over.
             seek_back(&consumer, &mut st);
             resume_due(&consumer, &mut st);
-            for (tp, r) in st.redeliveries.drain(..) {
-                // A newer rewind of a partition replaces the older one.
-                redelivery.retain(|(known, _)| *known != tp);
-                redelivery.push((tp, r));
-            }
+            redelivery.take(&mut st);
             // A user shutdown finishes only the batch in hand; after a failure
             // (an undecodable record, a fatal error) every record read before
             // it is still handed over, so the commit stops exactly there.
             let shutting_down = shared.stopping.load(Ordering::Acquire);
             let draining = failure.is_some();
             if !shutting_down {
-                hand_over(&mut ready, &batches, &mut st);
+                hand_over(&mut ready, &batches, &mut st, now);
+            }
+            if let Some(limit) = long_batch {
+                warn_long_batches(&mut st, now, limit);
             }
             if st.in_flight.is_empty() && (shutting_down || (draining && ready.is_empty())) {
                 break failure.take().map_or(Ok(()), Err);
@@ -161,6 +164,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             take_expectations(&mut gaps, &mut st);
             gaps.retain(|tp, generation| st.tracker.generation(tp) == Some(generation));
             builder.drop_stale(&st.tracker);
+            redelivery.retain(|tp| st.tracker.generation(tp));
             ready.retain_mut(|b| b.drop_stale(&st.tracker));
         }
 
@@ -179,15 +183,27 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                 };
                 let seen = match seen {
                     Some(seen) if !redelivery.is_empty() => {
-                        Some(redelivered(&mut redelivery, &m, &shared).unwrap_or(seen))
+                        Some(redelivery.seen(&m, &shared).unwrap_or(seen))
                     }
                     other => other,
                 };
-                if let Some(seen) = seen {
-                    let record = super::raw_record(&m);
-                    if let Some(gap) = gaps.observe(record.topic, record.partition, record.offset) {
-                        report_gap(&shared, record.topic, record.partition, &gap);
-                    }
+                let record = super::raw_record(&m);
+                let gap = seen.and_then(|_| {
+                    let gap = gaps.observe(record.topic, record.partition, record.offset)?;
+                    report_gap(&shared, record.topic, record.partition, &gap);
+                    Some(gap)
+                });
+                if let (Some(gap), OnGap::Fail) = (&gap, settings.on_gap) {
+                    // The record after the gap is not taken: what came before
+                    // it is handed over and committed, nothing past the gap.
+                    tracing::error!(topic = record.topic, partition = record.partition, missing = %format_args!("{}..{}", gap.first, gap.end), "records were not delivered and consumer.on_gap is \"fail\": the consumer stops before committing past them");
+                    failure = Some(Error::Gap {
+                        topic: record.topic.to_owned(),
+                        partition: record.partition,
+                        first: gap.first,
+                        end: gap.end,
+                    });
+                } else if let Some(seen) = seen {
                     if let Some(full) = builder.make_room(&record, now) {
                         ready.push_back(full);
                     }
@@ -229,7 +245,11 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         }
     };
 
-    let committed = final_commit(&consumer, &shared);
+    let committed = final_commit(
+        &consumer,
+        &shared,
+        Duration::from_millis(settings.shutdown_timeout_ms),
+    );
     shared.lock().in_flight.clear();
     // Dropping the consumer leaves the group; its revoke callback runs here.
     drop(consumer);
@@ -275,6 +295,7 @@ fn hand_over<T>(
     ready: &mut VecDeque<Batch<T>>,
     batches: &tokio::sync::mpsc::Sender<Batch<T>>,
     st: &mut PollerState,
+    now: Instant,
 ) {
     while let Some(mut batch) = ready.pop_front() {
         if !batch.drop_stale(&st.tracker) {
@@ -308,8 +329,39 @@ fn hand_over<T>(
         st.in_flight.push(InFlight {
             id: batch.id,
             ranges,
+            since: now,
+            warned: false,
         });
         permit.send(batch);
+    }
+}
+
+/// Warns, once per batch, of every batch in the handler for longer than `limit`.
+fn warn_long_batches(st: &mut PollerState, now: Instant, limit: Duration) {
+    for batch in st.in_flight.iter_mut() {
+        if batch.warned || now.duration_since(batch.since) < limit {
+            continue;
+        }
+        batch.warned = true;
+        let batch_ref =
+            BatchRef::from_ranges(
+                batch
+                    .ranges
+                    .iter()
+                    .map(|(tp, _, first, end)| PartitionRange {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        first: *first,
+                        end: *end,
+                        records: 0,
+                    }),
+            );
+        tracing::warn!(
+            batch = %batch_ref,
+            running_ms = now.duration_since(batch.since).as_millis() as u64,
+            max_poll_interval_ms = limit.as_millis() as u64,
+            "a batch has been in the handler longer than max.poll.interval.ms: the consumer keeps its partitions (the poller still polls), so a hung handler holds them until it returns; set consumer.handler_timeout_ms to fail such batches"
+        );
     }
 }
 

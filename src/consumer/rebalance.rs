@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::commit::commit_finished;
@@ -33,40 +35,77 @@ impl PollerContext {
 impl ClientContext for PollerContext {}
 
 impl ConsumerContext for PollerContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => self.assign(consumer, tpl),
-            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
-            Rebalance::Error(e) => {
-                self.shared.metrics.rebalance_errors.increment(1);
-                tracing::warn!(error = %e, "rebalance error: giving up the current assignment");
-                // librdkafka unassigns everything after a rebalance error.
-                match consumer.assignment() {
-                    Ok(tpl) => self.revoke(consumer, &tpl),
-                    Err(e) => tracing::warn!(error = %e, "cannot read the assignment"),
-                }
+    /// Serves a rebalance the way rust-rdkafka's default does (assign or
+    /// unassign, eagerly or incrementally as the protocol says), with the
+    /// tracker kept in step: every partition librdkafka fetches has a
+    /// generation, and none that it gave up keeps one.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.assign(consumer, tpl);
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                self.set_pause_state(consumer, tpl);
+                assigned
             }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, tpl);
+                give_up(consumer, tpl, cooperative)
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                self.shared.metrics.rebalance_errors.increment(1);
+                // On an error the protocol gives up what it gives up on a
+                // revoke: the listed partitions when cooperative, the whole
+                // assignment when eager. Forgetting more than that would
+                // leave partitions that librdkafka still fetches without a
+                // generation, their records dropped until the next rebalance.
+                let given_up = if cooperative {
+                    Ok(tpl.clone())
+                } else {
+                    consumer.assignment()
+                };
+                match given_up {
+                    Ok(given_up) => {
+                        tracing::warn!(error = %code, partitions = %names(&partitions(&given_up)), "rebalance error: giving up these partitions, as librdkafka does");
+                        self.revoke(consumer, &given_up);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %code, assignment_error = %e, "rebalance error, and the assignment cannot be read: giving up every partition held");
+                        self.revoke_all(consumer);
+                    }
+                }
+                give_up(consumer, tpl, cooperative)
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "librdkafka refused the rebalance's assignment change");
         }
     }
+}
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            // New partitions take the consumer's pause state explicitly, both
-            // ways. librdkafka clears only its own pause on assign, not the
-            // application's: a partition paused under back-pressure, revoked,
-            // and assigned again after the consumer resumed (with nothing
-            // assigned, so nothing was resumed) would otherwise stay paused
-            // and never be fetched again.
-            let paused = self.shared.lock().paused;
-            let result = if paused {
-                consumer.pause(tpl)
-            } else {
-                consumer.resume(tpl)
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, paused, "cannot set the pause state of newly assigned partitions");
-            }
-        }
+/// Unassigns what a revoke (or a rebalance error) takes away.
+fn give_up(
+    consumer: &BaseConsumer<PollerContext>,
+    tpl: &TopicPartitionList,
+    cooperative: bool,
+) -> KafkaResult<()> {
+    if cooperative {
+        consumer.incremental_unassign(tpl)
+    } else {
+        consumer.unassign()
     }
 }
 
@@ -105,6 +144,36 @@ fn committed_starts(
     }
 }
 
+/// Starts each partition of the library's own retry topic that the group
+/// has no commit for at its beginning, whatever `auto.offset.reset` says
+/// for the main topics: a record written there before the last member
+/// stopped, and not yet due then, would otherwise be jumped over by
+/// `latest`, never handled. (When the committed offsets could not be read,
+/// the retry partitions start at the beginning too: read again, never lost.)
+fn read_retry_topic_from_its_beginning(
+    tpl: &TopicPartitionList,
+    retry_topic: &str,
+    committed: &HashMap<TopicPartition, i64>,
+) {
+    for mut e in tpl.elements() {
+        if e.topic() != retry_topic
+            || committed.contains_key(&TopicPartition::new(e.topic(), e.partition()))
+        {
+            continue;
+        }
+        match e.set_offset(Offset::Beginning) {
+            Ok(()) => tracing::info!(
+                topic = retry_topic,
+                partition = e.partition(),
+                "retry topic partition with no commit: read from its beginning"
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, topic = retry_topic, partition = e.partition(), "cannot start a retry topic partition at its beginning")
+            }
+        }
+    }
+}
+
 fn names(tps: &[TopicPartition]) -> String {
     tps.iter()
         .map(ToString::to_string)
@@ -113,9 +182,30 @@ fn names(tps: &[TopicPartition]) -> String {
 }
 
 impl PollerContext {
+    /// New partitions take the consumer's pause state explicitly, both ways.
+    /// librdkafka clears only its own pause on assign, not the
+    /// application's: a partition paused under back-pressure, revoked, and
+    /// assigned again after the consumer resumed (with nothing assigned, so
+    /// nothing was resumed) would otherwise stay paused and never be fetched
+    /// again.
+    fn set_pause_state(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let paused = self.shared.lock().paused;
+        let result = if paused {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, paused, "cannot set the pause state of newly assigned partitions");
+        }
+    }
+
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let tps = partitions(tpl);
         let starts = committed_starts(consumer, tpl);
+        if let Some(retry_topic) = &self.shared.retry_topic {
+            read_retry_topic_from_its_beginning(tpl, retry_topic, &starts);
+        }
         let mut st = self.shared.lock();
         for tp in &tps {
             let generation = st.tracker.assign(tp.clone());
@@ -133,6 +223,16 @@ impl PollerContext {
             .assigned
             .fetch_add(tps.len() as u64, Ordering::Relaxed);
         tracing::info!(partitions = %names(&tps), "partitions assigned");
+    }
+
+    /// Forgets every partition the tracker holds (the assignment could not be read).
+    fn revoke_all(&self, consumer: &BaseConsumer<Self>) {
+        let held = self.shared.lock().tracker.partitions();
+        let mut tpl = TopicPartitionList::with_capacity(held.len());
+        for tp in &held {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        self.revoke(consumer, &tpl);
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {

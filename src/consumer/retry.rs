@@ -15,15 +15,28 @@ use super::rebalance::PollerContext;
 use super::state::{PendingSeek, PollerState, Redelivery, Shared};
 use crate::failure::record::read_headers;
 use crate::failure::FailureInfo;
+use crate::offsets::Generation;
 use crate::offsets::TopicPartition;
 
 /// How long a seek back for a retry may take.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a record of the retry topic enters the batch: `None` when it is not
-/// due yet. Then its partition is paused and sought back to it, to be resumed
-/// when it is due; the consumer's other partitions keep flowing.
+/// due yet, or when its partition is held back from an earlier record that
+/// was not due. A record not due holds its partition: the poller pauses it,
+/// seeks it back to that record and resumes it when it is due; the
+/// consumer's other partitions keep flowing. The records after it, polled
+/// before the seek takes effect, are left out: they are read again after it.
 pub(super) fn retry_record(m: &BorrowedMessage<'_>, step: usize, shared: &Shared) -> Option<Seen> {
+    let tp = TopicPartition::new(m.topic(), m.partition());
+    let offset = m.offset();
+    if shared
+        .lock()
+        .held_from(&tp)
+        .is_some_and(|from| offset >= from)
+    {
+        return None;
+    }
     let headers = read_headers(m);
     let info = FailureInfo::from_headers(
         headers
@@ -31,14 +44,13 @@ pub(super) fn retry_record(m: &BorrowedMessage<'_>, step: usize, shared: &Shared
             .map(|h| (h.key.as_slice(), h.value.as_deref())),
     );
     if let Some(wait) = info.due_ms.and_then(super::runner::until_due) {
-        let tp = TopicPartition::new(m.topic(), m.partition());
         let mut st = shared.lock();
         if let Some(generation) = st.tracker.generation(&tp) {
-            tracing::debug!(partition = %tp, offset = m.offset(), wait_ms = wait.as_millis() as u64, "retry record not due yet: its partition waits");
-            st.seeks.push(PendingSeek {
+            tracing::debug!(partition = %tp, offset, wait_ms = wait.as_millis() as u64, "retry record not due yet: its partition waits");
+            st.hold(PendingSeek {
                 tp,
                 generation,
-                offset: m.offset(),
+                offset,
                 due: Instant::now() + wait,
             });
         }
@@ -51,27 +63,84 @@ pub(super) fn retry_record(m: &BorrowedMessage<'_>, step: usize, shared: &Shared
     }))
 }
 
-/// How a record of a rewound partition enters the batch, or `None` when its
-/// partition is not being read again (any more).
-pub(super) fn redelivered(
-    redelivery: &mut Vec<(TopicPartition, Redelivery)>,
-    m: &BorrowedMessage<'_>,
-    shared: &Shared,
-) -> Option<Seen> {
-    let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-    let index = redelivery
-        .iter()
-        .position(|(tp, _)| tp.partition == partition && &*tp.topic == topic)?;
-    let (tp, r) = &redelivery[index];
-    let current = shared.lock().tracker.generation(tp) == Some(r.generation);
-    if !current || offset >= r.until {
-        redelivery.swap_remove(index);
-        return None;
+/// The poller's redelivery plans: how the records of rewound partitions
+/// are read again.
+#[derive(Default)]
+pub(super) struct Plans {
+    /// Plans still being read through; each record of their partitions is
+    /// looked up.
+    active: Vec<(TopicPartition, Redelivery)>,
+    /// Plans read through to their end, kept (one per partition) for a
+    /// rewind of a batch read under them to continue.
+    spent: Vec<(TopicPartition, Redelivery)>,
+}
+
+impl Plans {
+    /// True when no partition is being read again.
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
     }
-    Some(match r.states.get(&offset) {
-        Some(state) => Seen::New(*state),
-        None => Seen::AlreadyHandled,
-    })
+
+    /// Takes the plans of partitions rewound since.
+    ///
+    /// A rewind of a batch read under a partition's plan continues that
+    /// plan: past the rewound batch, the records the plan knew keep what it
+    /// said of them (handled, or waiting with their standing in the chain).
+    /// Replacing it instead would hand records handled before over again
+    /// and start a waiting retry's count afresh.
+    pub fn take(&mut self, st: &mut PollerState) {
+        for (tp, mut plan) in st.redeliveries.drain(..) {
+            for list in [&mut self.active, &mut self.spent] {
+                let Some(i) = list.iter().position(|(known, _)| *known == tp) else {
+                    continue;
+                };
+                let (_, old) = list.swap_remove(i);
+                if old.generation == plan.read_under && old.until > plan.until {
+                    let carried: Vec<(i64, ChainState)> = old
+                        .states
+                        .range(plan.until..)
+                        .map(|(offset, state)| (*offset, *state))
+                        .collect();
+                    plan.states.extend(carried);
+                    plan.until = old.until;
+                }
+            }
+            self.active.push((tp, plan));
+        }
+    }
+
+    /// How a record of a rewound partition enters the batch, or `None` when
+    /// its partition is not being read again (any more).
+    pub fn seen(&mut self, m: &BorrowedMessage<'_>, shared: &Shared) -> Option<Seen> {
+        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let index = self
+            .active
+            .iter()
+            .position(|(tp, _)| tp.partition == partition && &*tp.topic == topic)?;
+        let (tp, r) = &self.active[index];
+        let current = shared.lock().tracker.generation(tp) == Some(r.generation);
+        if !current {
+            self.active.swap_remove(index);
+            return None;
+        }
+        if offset >= r.until {
+            let (tp, plan) = self.active.swap_remove(index);
+            self.spent.retain(|(known, _)| *known != tp);
+            self.spent.push((tp, plan));
+            return None;
+        }
+        Some(match r.states.get(&offset) {
+            Some(state) => Seen::New(*state),
+            None => Seen::AlreadyHandled,
+        })
+    }
+
+    /// Forgets the plans of partitions no longer held in their generation.
+    pub fn retain(&mut self, current: impl Fn(&TopicPartition) -> Option<Generation>) {
+        // A spent plan is only ever continued by a rewind in its own
+        // generation's successor, so it may go once its partition is gone.
+        self.spent.retain(|(tp, _)| current(tp).is_some());
+    }
 }
 
 /// Pauses each partition a retry asked for and seeks it back. A partition
@@ -110,7 +179,7 @@ pub(super) fn seek_back(consumer: &BaseConsumer<PollerContext>, st: &mut PollerS
             }
             Err(e) => {
                 tracing::warn!(partition = %seek.tp, offset = seek.offset, error = %e, "cannot seek back for a retry; trying again");
-                st.seeks.push(seek);
+                st.hold(seek);
             }
         }
     }

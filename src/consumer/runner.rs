@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt as _;
+use std::panic::AssertUnwindSafe;
 use tracing::Instrument;
 
 use super::batch::Batch;
@@ -39,6 +41,8 @@ pub(super) struct Runner<'s> {
     events: &'s mpsc::Sender<ToPoller>,
     chain: Chain,
     forwarder: Option<Forwarder>,
+    /// `consumer.handler_timeout_ms`, when set.
+    timeout: Option<Duration>,
 }
 
 impl<'s> Runner<'s> {
@@ -54,6 +58,7 @@ impl<'s> Runner<'s> {
             events,
             chain,
             forwarder,
+            timeout: settings.handler_timeout(),
         })
     }
 
@@ -92,23 +97,35 @@ impl<'s> Runner<'s> {
         let outcome = if messages.is_empty() {
             Ok(())
         } else {
-            run_handler(handler, messages, &batch_ref, self.shared).await
+            run_handler(handler, messages, &batch_ref, self.shared, self.timeout).await
+        };
+        // Nothing of a batch whose handler panicked is committed, and none
+        // of it goes through the chain: a panic is a bug in the handler, not
+        // a verdict on the records, so it stops the consumer like `fail`.
+        let error = match outcome {
+            Ok(()) => None,
+            Err(HandlerFailure::Error(error)) => Some(error),
+            Err(HandlerFailure::Panicked(message)) => {
+                self.tell(ToPoller::Failed {
+                    batch: id,
+                    rewinds: whole_batch(&ranges),
+                });
+                return Err(Error::HandlerPanicked {
+                    batch: batch_ref,
+                    message,
+                });
+            }
         };
 
         let mut failed: Vec<Failed<'_>> = Vec::new();
         let mut handler_error = None;
-        if let Err(error) = outcome {
+        if let Some(error) = error {
             if kept.is_empty() {
                 // The default chain, `fail`: nothing of the batch is committed.
-                let rewinds = ranges
-                    .iter()
-                    .map(|r| Rewind {
-                        tp: r.tp.clone(),
-                        at: r.first,
-                        retry: None,
-                    })
-                    .collect();
-                self.tell(ToPoller::Failed { batch: id, rewinds });
+                self.tell(ToPoller::Failed {
+                    batch: id,
+                    rewinds: whole_batch(&ranges),
+                });
                 return Err(Error::Handler {
                     batch: batch_ref,
                     source: error,
@@ -303,6 +320,19 @@ impl<'s> Runner<'s> {
     }
 }
 
+/// A rewind of every partition of a batch to its first record: nothing of
+/// it may be committed.
+fn whole_batch(ranges: &[super::batch::BatchRange]) -> Vec<Rewind> {
+    ranges
+        .iter()
+        .map(|r| Rewind {
+            tp: r.tp.clone(),
+            at: r.first,
+            retry: None,
+        })
+        .collect()
+}
+
 /// For each partition with a failed record, a rewind to the first one: the
 /// records before it were handled and may be committed, none after.
 fn first_failed_per_partition(failed: &[Failed<'_>]) -> Vec<Rewind> {
@@ -335,13 +365,59 @@ pub(super) fn until_due(due_ms: i64) -> Option<Duration> {
     (due_ms > now + 5).then(|| Duration::from_millis((due_ms - now) as u64))
 }
 
-/// Runs the handler on one batch inside a span naming the batch.
+/// How a handler call ended when it did not return `Ok`.
+enum HandlerFailure {
+    /// It returned an error, or ran past `handler_timeout_ms`.
+    Error(BoxError),
+    /// It panicked, with this message.
+    Panicked(String),
+}
+
+/// The error a batch fails with when its handler ran past
+/// `consumer.handler_timeout_ms`: its future was dropped, and the batch went
+/// through the failure chain like any failed batch.
+///
+/// It is the source of [`Error::Handler`] when the chain stops the consumer;
+/// find it with `std::error::Error::source` and `downcast_ref`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerTimeout {
+    /// The limit that passed.
+    pub limit: Duration,
+}
+
+impl std::fmt::Display for HandlerTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the handler ran longer than consumer.handler_timeout_ms ({} ms) and was cancelled; raise the limit if batches legitimately take this long",
+            self.limit.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for HandlerTimeout {}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic with a payload that is not text".to_owned()
+    }
+}
+
+/// Runs the handler on one batch inside a span naming the batch: a panic is
+/// caught (in the call and in its future), and with a `timeout` the future
+/// is dropped when it passes.
 async fn run_handler<T, F, E>(
     handler: &mut F,
     messages: Vec<Message<T>>,
     batch_ref: &str,
     shared: &Shared,
-) -> Result<(), BoxError>
+    timeout: Option<Duration>,
+) -> Result<(), HandlerFailure>
 where
     F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
     E: Into<BoxError>,
@@ -349,7 +425,30 @@ where
     let count = messages.len();
     let span = tracing::info_span!("kafka_batch", batch = %batch_ref, messages = count);
     let started = Instant::now();
-    let result = handler(messages).instrument(span.clone()).await;
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(messages))) {
+        Err(payload) => Err(HandlerFailure::Panicked(panic_message(&*payload))),
+        Ok(future) => {
+            let guarded = AssertUnwindSafe(future.instrument(span.clone())).catch_unwind();
+            let finished = match timeout {
+                Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
+                None => Some(guarded.await),
+            };
+            match finished {
+                Some(Ok(Ok(()))) => Ok(()),
+                Some(Ok(Err(e))) => Err(HandlerFailure::Error(e.into())),
+                Some(Err(payload)) => Err(HandlerFailure::Panicked(panic_message(&*payload))),
+                None => {
+                    shared.metrics.handler_timeouts.increment(1);
+                    shared
+                        .stats
+                        .handler_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    let limit = timeout.unwrap_or_default();
+                    Err(HandlerFailure::Error(Box::new(HandlerTimeout { limit })))
+                }
+            }
+        }
+    };
     let metrics = &shared.metrics;
     metrics
         .process_seconds
@@ -370,13 +469,17 @@ where
                     "batch handled"
                 )
             });
-            Ok(())
         }
-        Err(e) => {
+        Err(HandlerFailure::Error(ref source)) => {
             metrics.batches_failed.increment(1);
-            let source: BoxError = e.into();
             span.in_scope(|| tracing::warn!(error = %source, "the handler failed; the failure policies decide what happens to its messages"));
-            Err(source)
+        }
+        Err(HandlerFailure::Panicked(ref message)) => {
+            metrics.batches_failed.increment(1);
+            metrics.handler_panics.increment(1);
+            shared.stats.handler_panics.fetch_add(1, Ordering::Relaxed);
+            span.in_scope(|| tracing::error!(panic = %message, "the handler panicked: the consumer stops; nothing of this batch is committed, and it goes to no failure policy"));
         }
     }
+    result
 }

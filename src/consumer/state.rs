@@ -31,6 +31,8 @@ pub(super) struct Shared {
     pub(super) metrics: ConsumerMetrics,
     pub(super) revoke_timeout: Duration,
     pub(super) commit: bool,
+    /// The library's own retry topic, when the chain has `retry_topic`.
+    pub(super) retry_topic: Option<String>,
     /// Each assigned partition's current generation, as in the tracker. The
     /// runner reads it (to drop records that will be read again) without
     /// the state lock, which a revoke holds while it waits for the runner.
@@ -57,6 +59,10 @@ impl Shared {
             metrics: ConsumerMetrics::new(&settings.service),
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
+            retry_topic: settings
+                .failure
+                .has(crate::settings::FailurePolicy::RetryTopic)
+                .then(|| settings.failure.retry_topic.topic.clone()),
             generations: Mutex::new(HashMap::new()),
         }
     }
@@ -127,6 +133,10 @@ pub(super) struct InFlight {
     pub(super) id: u64,
     /// Topic-partition, generation, first offset, end.
     pub(super) ranges: Vec<(TopicPartition, crate::offsets::Generation, i64, i64)>,
+    /// When it was handed over.
+    pub(super) since: Instant,
+    /// True once it was logged as running long.
+    pub(super) warned: bool,
 }
 
 /// A partition to pause, seek back to `offset`, and resume at `due`.
@@ -142,6 +152,9 @@ pub(super) struct PendingSeek {
 /// chain; the others before `until` were dealt with and are not.
 pub(super) struct Redelivery {
     pub(super) generation: crate::offsets::Generation,
+    /// The generation the rewound batch was read under: when that is the
+    /// generation of the partition's previous plan, this plan continues it.
+    pub(super) read_under: crate::offsets::Generation,
     pub(super) until: i64,
     pub(super) states: BTreeMap<i64, policy::ChainState>,
 }
@@ -172,10 +185,20 @@ pub(super) enum ToPoller {
     Abandoned {
         batch: u64,
     },
+    /// A manual commit: settle what it names, commit the watermarks.
     Commit {
-        offsets: Vec<(TopicPartition, i64)>,
+        settle: Settle,
         reply: tokio::sync::oneshot::Sender<Result<(), KafkaError>>,
     },
+}
+
+/// What a manual commit says was dealt with.
+pub(super) enum Settle {
+    /// Every record handed out before each offset (`ConsumerHandle::commit`).
+    Before(Vec<(TopicPartition, i64)>),
+    /// These records, as read under their generation
+    /// (`ConsumerHandle::commit_messages`).
+    Records(Vec<(TopicPartition, crate::offsets::Generation, Vec<i64>)>),
 }
 
 impl PollerState {
@@ -225,18 +248,33 @@ impl PollerState {
             ToPoller::Abandoned { batch } => {
                 self.take_in_flight(batch);
             }
-            ToPoller::Commit { offsets, reply } => {
-                let owned: Vec<(TopicPartition, i64)> = offsets
-                    .into_iter()
-                    .filter(|(tp, _)| self.tracker.generation(tp).is_some())
-                    .collect();
-                let _ = reply.send(super::commit::commit_offsets(consumer, &owned, shared).map(
-                    |()| {
-                        for (tp, offset) in &owned {
+            ToPoller::Commit { settle, reply } => {
+                // Through the tracker, like every commit: what the request
+                // settles, and then the contiguous watermarks, never past a
+                // record that is not settled.
+                match settle {
+                    Settle::Before(offsets) => {
+                        for (tp, offset) in offsets {
+                            self.tracker.settle_before(&tp, offset);
+                        }
+                    }
+                    Settle::Records(records) => {
+                        for (tp, generation, offsets) in records {
+                            let held = self.tracker.settle_records(&tp, generation, offsets);
+                            if held == 0 {
+                                tracing::debug!(partition = %tp, "manual commit of messages read before a rebalance or rewind: nothing settled, they will be read again");
+                            }
+                        }
+                    }
+                }
+                let offsets = self.tracker.committable();
+                let _ = reply.send(
+                    super::commit::commit_offsets(consumer, &offsets, shared).map(|()| {
+                        for (tp, offset) in &offsets {
                             self.tracker.committed(tp, *offset);
                         }
-                    },
-                ));
+                    }),
+                );
             }
         }
     }
@@ -263,7 +301,7 @@ impl PollerState {
             shared.publish_generation(tp, Some(new_generation));
             rewound = true;
             if let Some((wait, states)) = &rewind.retry {
-                self.seeks.push(PendingSeek {
+                self.hold(PendingSeek {
                     tp: tp.clone(),
                     generation: new_generation,
                     offset: at,
@@ -273,6 +311,7 @@ impl PollerState {
                     tp.clone(),
                     Redelivery {
                         generation: new_generation,
+                        read_under: *generation,
                         until: *end,
                         states: states.clone(),
                     },
@@ -283,6 +322,31 @@ impl PollerState {
             // The poller drops what it buffered of the rewound partitions.
             shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Holds `seek.tp` back from `seek.offset` on: the poller pauses it,
+    /// seeks it back there and resumes it at `seek.due`.
+    ///
+    /// A partition has one seek at a time, to the earliest offset asked for
+    /// in its current generation. Several records of one retry-topic
+    /// partition can be found not due before the poller performs the seek;
+    /// had each queued its own, the last would win and the earlier records
+    /// would never be read again (and be committed past). A seek of an
+    /// older generation is stale and gives way to a newer one.
+    pub(super) fn hold(&mut self, seek: PendingSeek) {
+        match self.seeks.iter_mut().find(|s| s.tp == seek.tp) {
+            None => self.seeks.push(seek),
+            Some(held) if seek.generation > held.generation => *held = seek,
+            Some(held) if seek.generation == held.generation && seek.offset < held.offset => {
+                *held = seek
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The offset `tp` is held back from, while its seek is pending.
+    pub(super) fn held_from(&self, tp: &TopicPartition) -> Option<i64> {
+        self.seeks.iter().find(|s| s.tp == *tp).map(|s| s.offset)
     }
 
     pub(super) fn take_in_flight(&mut self, batch: u64) -> Option<InFlight> {

@@ -37,6 +37,11 @@ pub struct ConsumerStats {
     /// or transaction markers explain this; otherwise the broker skipped
     /// records). Each one is also logged as a warning naming the offsets.
     pub offset_gaps: u64,
+    /// Batches whose handler panicked (each stopped the consumer).
+    pub handler_panics: u64,
+    /// Batches whose handler ran past `consumer.handler_timeout_ms` (each
+    /// went through the failure chain).
+    pub handler_timeouts: u64,
 }
 
 #[derive(Default)]
@@ -55,6 +60,8 @@ pub(super) struct StatsCounters {
     pub(super) dead_lettered: AtomicU64,
     pub(super) failed_skipped: AtomicU64,
     pub(super) offset_gaps: AtomicU64,
+    pub(super) handler_panics: AtomicU64,
+    pub(super) handler_timeouts: AtomicU64,
 }
 
 impl StatsCounters {
@@ -75,6 +82,8 @@ impl StatsCounters {
             dead_lettered: get(&self.dead_lettered),
             failed_skipped: get(&self.failed_skipped),
             offset_gaps: get(&self.offset_gaps),
+            handler_panics: get(&self.handler_panics),
+            handler_timeouts: get(&self.handler_timeouts),
         }
     }
 }

@@ -890,7 +890,7 @@ proptest! {
         let mut last = LastHistory::default();
         let full = unpack_parts_by::<Value>(record(Some(b"k"), Some(&value)), &mut last, Path::Full)
             .map(|parts| parts.map(|p| {
-                let mut m = Message::consumed(p.payload, &topic(), 3, 1042);
+                let mut m = Message::consumed(p.payload, &topic(), 3, 1042, 0);
                 m.set_source(p.key, p.hist);
                 m
             }));
