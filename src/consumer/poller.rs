@@ -114,10 +114,10 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             let shutting_down = shared.stopping.load(Ordering::Acquire);
             let draining = failure.is_some();
             if !shutting_down {
-                hand_over(&mut ready, &batches, &mut st, now);
+                hand_over(&mut ready, &batches, &mut st);
             }
             if let Some(limit) = long_batch {
-                warn_long_batches(&mut st, now, limit);
+                warn_long_batches(&mut st, &shared, now, limit);
             }
             if st.in_flight.is_empty() && (shutting_down || (draining && ready.is_empty())) {
                 break failure.take().map_or(Ok(()), Err);
@@ -295,7 +295,6 @@ fn hand_over<T>(
     ready: &mut VecDeque<Batch<T>>,
     batches: &tokio::sync::mpsc::Sender<Batch<T>>,
     st: &mut PollerState,
-    now: Instant,
 ) {
     while let Some(mut batch) = ready.pop_front() {
         if !batch.drop_stale(&st.tracker) {
@@ -329,7 +328,6 @@ fn hand_over<T>(
         st.in_flight.push(InFlight {
             id: batch.id,
             ranges,
-            since: now,
             warned: false,
         });
         permit.send(batch);
@@ -337,12 +335,22 @@ fn hand_over<T>(
 }
 
 /// Warns, once per batch, of every batch in the handler for longer than `limit`.
-fn warn_long_batches(st: &mut PollerState, now: Instant, limit: Duration) {
-    for batch in st.in_flight.iter_mut() {
-        if batch.warned || now.duration_since(batch.since) < limit {
+fn warn_long_batches(st: &mut PollerState, shared: &Shared, now: Instant, limit: Duration) {
+    let long: Vec<(u64, Duration)> = shared
+        .running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .map(|(id, started)| (*id, now.saturating_duration_since(*started)))
+        .filter(|(_, running)| *running >= limit)
+        .collect();
+    for (id, running) in long {
+        let Some(batch) = st.in_flight.iter_mut().find(|b| b.id == id && !b.warned) else {
             continue;
-        }
+        };
         batch.warned = true;
+        shared.metrics.long_batches.increment(1);
+        shared.stats.long_batches.fetch_add(1, Ordering::Relaxed);
         let batch_ref =
             BatchRef::from_ranges(
                 batch
@@ -358,7 +366,7 @@ fn warn_long_batches(st: &mut PollerState, now: Instant, limit: Duration) {
             );
         tracing::warn!(
             batch = %batch_ref,
-            running_ms = now.duration_since(batch.since).as_millis() as u64,
+            running_ms = running.as_millis() as u64,
             max_poll_interval_ms = limit.as_millis() as u64,
             "a batch has been in the handler longer than max.poll.interval.ms: the consumer keeps its partitions (the poller still polls), so a hung handler holds them until it returns; set consumer.handler_timeout_ms to fail such batches"
         );

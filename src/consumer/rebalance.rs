@@ -284,3 +284,54 @@ impl PollerContext {
         tracing::info!(partitions = %names(&tps), "partitions revoked");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::EmbeddedBroker;
+    use std::sync::mpsc;
+
+    /// Finding 6: under cooperative assignment librdkafka gives up only the
+    /// listed partitions on a rebalance error; forgetting the whole
+    /// assignment left the others fetched with no generation, their records
+    /// dropped until the next rebalance.
+    #[test]
+    fn a_rebalance_error_gives_up_only_what_the_protocol_gives_up() {
+        let broker = EmbeddedBroker::start().expect("broker");
+        broker.create_topic("t", 2).expect("topic");
+        let mut settings = broker.consumer_settings("g", &["t"]);
+        settings
+            .kafka
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        let shared = Arc::new(Shared::new(&settings, mpsc::channel().1));
+        let consumer: BaseConsumer<PollerContext> = settings
+            .client_config()
+            .expect("settings")
+            .create_with_context(PollerContext::new(Arc::clone(&shared)))
+            .expect("consumer");
+        consumer.subscribe(&["t"]).expect("subscribed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shared.lock().tracker.partitions().len() < 2 {
+            assert!(Instant::now() < deadline, "both partitions assigned");
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        let mut listed = TopicPartitionList::new();
+        listed.add_partition("t", 0);
+        consumer.context().rebalance(
+            &consumer,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__FAIL,
+            &mut listed,
+        );
+        let st = shared.lock();
+        assert_eq!(st.tracker.generation(&TopicPartition::new("t", 0)), None);
+        assert!(
+            st.tracker
+                .generation(&TopicPartition::new("t", 1))
+                .is_some(),
+            "the partition librdkafka keeps fetching keeps its generation"
+        );
+        assert!(shared
+            .current_generation(&TopicPartition::new("t", 1))
+            .is_some());
+    }
+}

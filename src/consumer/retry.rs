@@ -210,3 +210,108 @@ pub(super) fn resume_due(consumer: &BaseConsumer<PollerContext>, st: &mut Poller
         st.backoff.remove(&tp);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn state(used: u32) -> ChainState {
+        ChainState {
+            step: 0,
+            used,
+            attempts: used,
+        }
+    }
+
+    fn plan(
+        generation: Generation,
+        read_under: Generation,
+        until: i64,
+        states: &[(i64, u32)],
+    ) -> Redelivery {
+        Redelivery {
+            generation,
+            read_under,
+            until,
+            states: states.iter().map(|(o, u)| (*o, state(*u))).collect(),
+        }
+    }
+
+    fn active(plans: &Plans) -> Vec<(Generation, i64, BTreeMap<i64, ChainState>)> {
+        plans
+            .active
+            .iter()
+            .map(|(_, r)| (r.generation, r.until, r.states.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_rewind_of_a_batch_read_under_a_plan_continues_it() {
+        let shared = Shared::for_tests();
+        let tp = TopicPartition::new("t", 0);
+        let mut plans = Plans::default();
+        // Batch 0..100 failed 10 and 50: both wait for their first retry.
+        shared
+            .lock()
+            .redeliveries
+            .push((tp.clone(), plan(2, 1, 100, &[(10, 1), (50, 1)])));
+        plans.take(&mut shared.lock());
+        // Read again, a batch 10..31 (cut by other partitions' records)
+        // failed 10 again.
+        shared
+            .lock()
+            .redeliveries
+            .push((tp.clone(), plan(3, 2, 31, &[(10, 2)])));
+        plans.take(&mut shared.lock());
+        assert_eq!(
+            active(&plans),
+            [(3, 100, BTreeMap::from([(10, state(2)), (50, state(1))]))],
+            "31..100 stay handled, and 50 keeps its standing"
+        );
+    }
+
+    #[test]
+    fn a_rewind_after_the_plan_was_read_through_still_continues_it() {
+        let shared = Shared::for_tests();
+        let tp = TopicPartition::new("t", 0);
+        let mut plans = Plans::default();
+        shared
+            .lock()
+            .redeliveries
+            .push((tp.clone(), plan(2, 1, 100, &[(10, 1), (50, 1)])));
+        plans.take(&mut shared.lock());
+        let spent = plans.active.pop().expect("one plan");
+        plans.spent.push(spent);
+        shared
+            .lock()
+            .redeliveries
+            .push((tp.clone(), plan(3, 2, 31, &[(10, 2)])));
+        plans.take(&mut shared.lock());
+        assert_eq!(
+            active(&plans),
+            [(3, 100, BTreeMap::from([(10, state(2)), (50, state(1))]))]
+        );
+        assert!(plans.spent.is_empty());
+    }
+
+    #[test]
+    fn a_plan_of_another_reading_is_replaced() {
+        let shared = Shared::for_tests();
+        let tp = TopicPartition::new("t", 0);
+        let mut plans = Plans::default();
+        shared
+            .lock()
+            .redeliveries
+            .push((tp.clone(), plan(2, 1, 100, &[(50, 1)])));
+        plans.take(&mut shared.lock());
+        // The partition was revoked and assigned again (generation 5): its
+        // records are read from the commit, and the old plan means nothing.
+        shared
+            .lock()
+            .redeliveries
+            .push((tp.clone(), plan(6, 5, 31, &[(10, 1)])));
+        plans.take(&mut shared.lock());
+        assert_eq!(active(&plans), [(6, 31, BTreeMap::from([(10, state(1))]))]);
+    }
+}

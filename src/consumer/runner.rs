@@ -97,7 +97,11 @@ impl<'s> Runner<'s> {
         let outcome = if messages.is_empty() {
             Ok(())
         } else {
-            run_handler(handler, messages, &batch_ref, self.shared, self.timeout).await
+            self.shared.running(id, true);
+            let outcome =
+                run_handler(handler, messages, &batch_ref, self.shared, self.timeout).await;
+            self.shared.running(id, false);
+            outcome
         };
         // Nothing of a batch whose handler panicked is committed, and none
         // of it goes through the chain: a panic is a bug in the handler, not

@@ -31,6 +31,10 @@ pub(super) struct Shared {
     pub(super) metrics: ConsumerMetrics,
     pub(super) revoke_timeout: Duration,
     pub(super) commit: bool,
+    /// The batches in the handler now, with when each started: the runner
+    /// writes it, the poller reads it to report batches that run long. Not
+    /// under the state lock, which a revoke holds while it waits for them.
+    pub(super) running: Mutex<Vec<(u64, Instant)>>,
     /// The library's own retry topic, when the chain has `retry_topic`.
     pub(super) retry_topic: Option<String>,
     /// Each assigned partition's current generation, as in the tracker. The
@@ -59,6 +63,7 @@ impl Shared {
             metrics: ConsumerMetrics::new(&settings.service),
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
+            running: Mutex::new(Vec::new()),
             retry_topic: settings
                 .failure
                 .has(crate::settings::FailurePolicy::RetryTopic)
@@ -104,6 +109,16 @@ impl Shared {
         Shared::new(&ConsumerSettings::default(), mpsc::channel().1)
     }
 
+    /// Records that the handler started (`true`) or finished batch `id`.
+    pub(super) fn running(&self, id: u64, started: bool) {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if started {
+            running.push((id, Instant::now()));
+        } else {
+            running.retain(|(batch, _)| *batch != id);
+        }
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, PollerState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -133,8 +148,6 @@ pub(super) struct InFlight {
     pub(super) id: u64,
     /// Topic-partition, generation, first offset, end.
     pub(super) ranges: Vec<(TopicPartition, crate::offsets::Generation, i64, i64)>,
-    /// When it was handed over.
-    pub(super) since: Instant,
     /// True once it was logged as running long.
     pub(super) warned: bool,
 }
@@ -352,5 +365,55 @@ impl PollerState {
     pub(super) fn take_in_flight(&mut self, batch: u64) -> Option<InFlight> {
         let i = self.in_flight.iter().position(|b| b.id == batch)?;
         Some(self.in_flight.swap_remove(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seek(generation: u64, offset: i64) -> PendingSeek {
+        PendingSeek {
+            tp: TopicPartition::new("t.retry", 0),
+            generation,
+            offset,
+            due: Instant::now(),
+        }
+    }
+
+    fn held(shared: &Shared) -> Vec<(u64, i64)> {
+        shared
+            .lock()
+            .seeks
+            .iter()
+            .map(|s| (s.generation, s.offset))
+            .collect()
+    }
+
+    #[test]
+    fn a_partition_is_held_from_its_earliest_offset_in_its_newest_generation() {
+        let shared = Shared::for_tests();
+        // Records 5 and 9 found not due, then 3 (after a rewind, say).
+        shared.lock().hold(seek(1, 5));
+        shared.lock().hold(seek(1, 9));
+        assert_eq!(held(&shared), [(1, 5)], "the later record does not win");
+        shared.lock().hold(seek(1, 3));
+        assert_eq!(held(&shared), [(1, 3)]);
+        assert_eq!(
+            shared.lock().held_from(&TopicPartition::new("t.retry", 0)),
+            Some(3)
+        );
+        shared.lock().hold(seek(0, 1));
+        assert_eq!(
+            held(&shared),
+            [(1, 3)],
+            "an older generation's seek is stale"
+        );
+        shared.lock().hold(seek(2, 7));
+        assert_eq!(
+            held(&shared),
+            [(2, 7)],
+            "a newer generation's seek replaces it"
+        );
     }
 }

@@ -42,6 +42,9 @@ pub struct ConsumerStats {
     /// Batches whose handler ran past `consumer.handler_timeout_ms` (each
     /// went through the failure chain).
     pub handler_timeouts: u64,
+    /// Batches that were in the handler longer than `max.poll.interval.ms`
+    /// (each logged once as a warning with its batch ref).
+    pub long_batches: u64,
 }
 
 #[derive(Default)]
@@ -62,6 +65,7 @@ pub(super) struct StatsCounters {
     pub(super) offset_gaps: AtomicU64,
     pub(super) handler_panics: AtomicU64,
     pub(super) handler_timeouts: AtomicU64,
+    pub(super) long_batches: AtomicU64,
 }
 
 impl StatsCounters {
@@ -84,6 +88,7 @@ impl StatsCounters {
             offset_gaps: get(&self.offset_gaps),
             handler_panics: get(&self.handler_panics),
             handler_timeouts: get(&self.handler_timeouts),
+            long_batches: get(&self.long_batches),
         }
     }
 }
