@@ -19,6 +19,7 @@ use kafka_batch::{Consumer, ConsumerSettings, Error, Failures, Message};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
@@ -332,6 +333,44 @@ async fn manual_commits_are_refused_when_the_consumer_commits_itself() {
         assert!(matches!(error, Error::ManualCommit), "{error}");
         assert!(error.to_string().contains("commit = false"), "{error}");
     }
+}
+
+/// Finding 4. A service stopped while its group rebalances (a rolling
+/// deploy) gets its final commit refused with REBALANCE_IN_PROGRESS. That
+/// is not a failure of the service: the consumer serves the rebalance and
+/// `process` returns `Ok`. Before, five refusals made `process` fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_commit_refused_for_a_rebalance_still_stops_cleanly() {
+    let broker = broker_with("events", 1);
+    produce_numbered(&broker, "events", 0..10).await;
+    let settings = consumer_settings(&broker, "g", "events", 10, 200);
+    let consumer = Consumer::new(&settings).unwrap();
+    let handle = consumer.handle();
+    let result = within(
+        LIMIT,
+        consumer.process(async |_: Vec<Message>| {
+            // More refusals than the final commit's five attempts.
+            tokio::task::block_in_place(|| {
+                broker
+                    .request_errors(
+                        RDKafkaApiKey::OffsetCommit,
+                        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 8],
+                    )
+                    .unwrap()
+            });
+            handle.shutdown();
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    assert!(result.is_ok(), "process stops cleanly: {result:?}");
+    assert!(
+        handle.stats().commit_failures >= 5,
+        "the refusals were seen: {:?}",
+        handle.stats()
+    );
+    let committed = committed(&broker, "g", "events").await;
+    assert!(committed.get(&0).is_none_or(|c| *c <= 10), "{committed:?}");
 }
 
 /// Finding 7. A batch whose handler runs past `handler_timeout_ms` counts
