@@ -54,10 +54,20 @@ use crate::settings::{ConsumerSettings, ProducerSettings};
 /// where `None` is a null key or value (a null value is a tombstone).
 pub type RawProduce<'a> = (i32, Option<&'a [u8]>, Option<&'a [u8]>);
 
-type Call = Box<dyn FnOnce(*mut sys::rd_kafka_mock_cluster_t) -> RDKafkaRespErr + Send>;
+mod requests;
+
+pub use requests::Request;
+
+/// What the broker thread owns: the cluster, and what it injected.
+struct Cluster {
+    ptr: *mut sys::rd_kafka_mock_cluster_t,
+    ledger: requests::Ledger,
+}
+
+type Job = Box<dyn FnOnce(&mut Cluster) + Send>;
 
 enum Command {
-    Call(Call, mpsc::Sender<RDKafkaRespErr>),
+    Run(Job),
     Stop,
 }
 
@@ -108,19 +118,30 @@ impl EmbeddedBroker {
         &self.bootstrap
     }
 
+    /// Runs `f` on the broker thread and returns its result.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Cluster) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let stopped = || Error::Broker("it has stopped".into());
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.commands
+            .send(Command::Run(Box::new(move |cluster| {
+                let _ = reply_tx.send(f(cluster));
+            })))
+            .map_err(|_| stopped())?;
+        reply_rx.recv().map_err(|_| stopped())
+    }
+
+    /// Runs one mock-cluster call on the broker thread; its error code becomes the result.
     fn call(
         &self,
         what: &str,
         f: impl FnOnce(*mut sys::rd_kafka_mock_cluster_t) -> RDKafkaRespErr + Send + 'static,
     ) -> Result<(), Error> {
-        let (reply_tx, reply_rx) = mpsc::channel();
-        self.commands
-            .send(Command::Call(Box::new(f), reply_tx))
-            .map_err(|_| Error::Broker("it has stopped".into()))?;
-        match reply_rx.recv() {
-            Ok(RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR) => Ok(()),
-            Ok(err) => Err(Error::Broker(format!("{what} failed: {err:?}"))),
-            Err(_) => Err(Error::Broker("it has stopped".into())),
+        match self.run(move |cluster| f(cluster.ptr))? {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+            err => Err(Error::Broker(format!("{what} failed: {err:?}"))),
         }
     }
 
@@ -134,23 +155,75 @@ impl EmbeddedBroker {
         })
     }
 
-    /// Makes the next requests of kind `api` fail with `errors`, one each, in order.
+    /// Makes the next requests of kind `api` fail with `errors`, one each, in
+    /// order, whichever broker they reach (after errors injected earlier for
+    /// `api` that no request has taken yet).
+    ///
+    /// Call [`track_requests`](Self::track_requests) first to be able to
+    /// tell, with [`pending_request_errors`](Self::pending_request_errors),
+    /// whether they were answered.
     pub fn request_errors(
         &self,
         api: RDKafkaApiKey,
         errors: &[RDKafkaRespErr],
     ) -> Result<(), Error> {
         let errors = errors.to_vec();
-        // SAFETY: as in create_topic; the errors vector outlives the call.
-        self.call("injecting request errors", move |c| unsafe {
-            sys::rd_kafka_mock_push_request_errors_array(
-                c,
-                api as i16,
-                errors.len(),
-                errors.as_ptr(),
-            );
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
-        })
+        self.run(move |cluster| cluster.ledger.push(cluster.ptr, api as i16, &errors))
+    }
+
+    /// Starts recording every request the cluster receives, forgetting any
+    /// recorded before (and so what was known of errors injected before).
+    ///
+    /// ```no_run
+    /// use kafka_batch::testing::EmbeddedBroker;
+    /// use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    ///
+    /// # fn run() -> Result<(), kafka_batch::Error> {
+    /// let broker = EmbeddedBroker::start()?;
+    /// broker.track_requests()?;
+    /// broker.request_errors(
+    ///     RDKafkaApiKey::Fetch,
+    ///     &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION],
+    /// )?;
+    /// // ... run a consumer against the broker, then:
+    /// assert_eq!(broker.pending_request_errors(RDKafkaApiKey::Fetch)?, 0);
+    /// let fetches = broker
+    ///     .requests()?
+    ///     .iter()
+    ///     .filter(|r| r.is(RDKafkaApiKey::Fetch))
+    ///     .count();
+    /// assert!(fetches >= 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn track_requests(&self) -> Result<(), Error> {
+        self.run(|cluster| cluster.ledger.start(cluster.ptr))
+    }
+
+    /// Every request received since [`track_requests`](Self::track_requests),
+    /// oldest first (empty when requests are not tracked).
+    ///
+    /// Requests are recorded on arrival, before the broker handles them, and
+    /// kept until the broker is dropped or tracking restarts: a broker that
+    /// serves clients for hours should not track.
+    pub fn requests(&self) -> Result<Vec<Request>, Error> {
+        self.run(|cluster| requests::tracked(cluster.ptr))
+    }
+
+    /// At most how many of the errors injected for `api` with
+    /// [`request_errors`](Self::request_errors) have not been answered to a
+    /// request yet: 0 means each one was, every error written into the
+    /// response of a request of `api` that arrived after it was injected.
+    ///
+    /// The count errs only upwards (a request that arrives while errors are
+    /// being injected is taken to have come first). An error if errors for
+    /// `api` were injected while requests were not tracked.
+    pub fn pending_request_errors(&self, api: RDKafkaApiKey) -> Result<usize, Error> {
+        self.run(move |cluster| {
+            let requests = requests::tracked(cluster.ptr);
+            // Every request in the list has been handled once this returns.
+            requests::barrier(cluster.ptr)?;
+            cluster.ledger.pending(api as i16, &requests)
+        })?
     }
 
     /// Takes broker `id` down (its connections close, it accepts none).
@@ -376,8 +449,12 @@ fn serve(brokers: i32, inbox: mpsc::Receiver<Command>, ready: mpsc::Sender<Resul
             .into_owned()
     };
     if ready.send(Ok(bootstrap)).is_ok() {
-        while let Ok(Command::Call(f, reply)) = inbox.recv() {
-            let _ = reply.send(f(cluster));
+        let mut state = Cluster {
+            ptr: cluster,
+            ledger: requests::Ledger::default(),
+        };
+        while let Ok(Command::Run(job)) = inbox.recv() {
+            job(&mut state);
         }
     }
     // SAFETY: no call runs any more; the cluster is destroyed once.
