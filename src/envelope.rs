@@ -532,6 +532,8 @@ fn unpack_parts_by<'a, T: DeserializeOwned>(
     let (payload, raw_hist) = decode_envelope::<T>(value, last_text, path).map_err(fail)?;
     let hist = match raw_hist {
         None => None,
+        // The Python wrapper treats an empty history as none (it is falsy).
+        Some(raw) if is_empty_object(raw.text()) => None,
         Some(raw) => match &last.0 {
             Some(h) if h.raw_json() == Some(raw.text()) => Some(h.clone()),
             _ => match raw.check() {
@@ -551,6 +553,19 @@ fn unpack_parts_by<'a, T: DeserializeOwned>(
         },
     };
     Ok(Some(Unpacked { key, payload, hist }))
+}
+
+/// True for `{}`, with any JSON white space inside: an empty history,
+/// which is read as no history wherever a history is read, as the Python
+/// wrapper reads it (an empty dict is falsy there).
+fn is_empty_object(text: &str) -> bool {
+    text.strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .is_some_and(|inside| {
+            inside
+                .trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+                .is_empty()
+        })
 }
 
 /// A record's `hist` text, before it becomes a [`History`].
@@ -746,7 +761,9 @@ impl<'de> Visitor<'de> for HistSeed {
             dt: String::new(),
             refs: Vec::new(),
         };
+        let mut fields = 0;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            fields += 1;
             match key.as_ref() {
                 "svc" => hist.svc = map.next_value::<Option<String>>()?.unwrap_or_default(),
                 "dt" => hist.dt = map.next_value::<Option<String>>()?.unwrap_or_default(),
@@ -756,7 +773,8 @@ impl<'de> Visitor<'de> for HistSeed {
                 }
             }
         }
-        Ok(Some(hist))
+        // `{}` is no history, as the Python wrapper reads it.
+        Ok((fields > 0).then_some(hist))
     }
 }
 
@@ -1272,13 +1290,43 @@ pub struct LatencyError {
     pub dt: String,
 }
 
-/// Stage latencies from a consumed message's ref, as `WIRE.md` defines them.
+/// Stage latencies from a consumed message's ref, as `WIRE.md` defines them
+/// and as the Python wrapper's `calc_ref_latencies` computes them.
 ///
 /// The chain follows, at each level, the ref whose `hist.dt` is newest (the
 /// last of equals); consecutive entries of one service merge into one stage;
 /// `this_svc` is appended with `now`. With `target`, timing starts at the
 /// service before the target; a chain that never passes the target gives no
-/// stages and a total of 0.
+/// stages and a total of 0. A history that is null, missing or `{}` is no
+/// history: as a ref's branch it is passed over, as the top history it gives
+/// no stages and a total of 0.
+///
+/// The wrapper picks the newest branch by sorting `dt` as text; this
+/// compares the times. For the `+00:00` forms both sides write, whole
+/// seconds (Python) or microseconds (kafka-batch), the two agree.
+///
+/// ```
+/// use kafka_batch::envelope::{stage_latencies, unpack};
+/// use std::sync::Arc;
+/// use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+///
+/// // A record packed by "enricher" from one that "loader" packed 2 s before.
+/// let value = br#"{"item": 1, "hist": {"svc": "enricher", "dt": "2026-11-22T09:00:02+00:00",
+///   "refs": [{"topic": "raw", "partition": 0, "offset": 7, "key": "a",
+///             "hist": {"svc": "loader", "dt": "2026-11-22T09:00:00+00:00", "refs": []}},
+///            {"topic": "raw", "partition": 1, "offset": 9, "key": "b", "hist": {}}]}}"#;
+/// let record = kafka_batch::envelope::RawRecord {
+///     topic: "enriched", partition: 0, offset: 3, key: Some(b"a"), value: Some(value),
+/// };
+/// let message = unpack::<serde_json::Value>(record, &Arc::from("enriched"))?.expect("not a tombstone");
+/// let source = message.source().expect("a consumed message has its ref");
+/// let now = OffsetDateTime::parse("2026-11-22T09:00:05+00:00", &Rfc3339)?;
+/// let latencies = stage_latencies("writer", source, None, now)?;
+/// // The `{}` branch is passed over: loader is the origin.
+/// assert_eq!(latencies.stages, [("enricher".to_string(), 2.0), ("writer".to_string(), 3.0)]);
+/// assert_eq!(latencies.total_seconds, 5.0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn stage_latencies(
     this_svc: &str,
     source: &Ref,

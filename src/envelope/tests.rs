@@ -62,6 +62,50 @@ fn missing_or_null_hist_means_no_history() {
 }
 
 #[test]
+fn an_empty_history_object_is_no_history_at_every_level() {
+    // The Python wrapper reads `{}` as no history (an empty dict is falsy).
+    for top in ["{}", "{ }", "{\n\t}"] {
+        let value = format!(r#"{{"item": 1, "hist": {top}}}"#);
+        for path in [Path::Fast, Path::Full] {
+            let m = unpack_parts_by::<Value>(
+                record(Some(b"k"), Some(value.as_bytes())),
+                &mut LastHistory::default(),
+                path,
+            )
+            .unwrap()
+            .unwrap();
+            assert!(m.hist.is_none(), "{top:?} by {path:?}");
+        }
+        let message = decode(Some(b"k"), value.as_bytes()).unwrap().unwrap();
+        assert_eq!(message.source().unwrap().hist, None, "{top:?}");
+    }
+    let value = br#"{"item": 1, "hist": {"svc": "b", "dt": "2026-11-22T09:34:06+00:00",
+        "refs": [{"topic": "raw", "partition": 0, "offset": 7, "key": "a", "hist": {}}]}}"#;
+    let m = decode(Some(b"k"), value).unwrap().unwrap();
+    let hist = m.source().unwrap().hist.as_deref().unwrap();
+    assert_eq!(hist.refs[0].hist, None, "a ref's `{{}}` is no history");
+}
+
+#[test]
+fn stage_latencies_pass_over_empty_histories_as_the_python_wrapper_does() {
+    // As the top history: no stages, a total of 0 (not an error).
+    let value = br#"{"item": 1, "hist": {}}"#;
+    let m = decode(Some(b"k"), value).unwrap().unwrap();
+    let top = stage_latencies("me", m.source().unwrap(), None, at(100)).unwrap();
+    assert!(top.stages.is_empty());
+    assert_eq!(top.total_seconds, 0.0);
+    // As a branch: passed over, the other branch is followed.
+    let value = br#"{"item": 1, "hist": {"svc": "b", "dt": "2026-01-01T00:00:40+00:00", "refs": [
+        {"topic": "raw", "partition": 0, "offset": 7, "key": "a",
+         "hist": {"svc": "a", "dt": "2026-01-01T00:00:10+00:00", "refs": []}},
+        {"topic": "raw", "partition": 1, "offset": 8, "key": "z", "hist": {}}]}}"#;
+    let m = decode(Some(b"k"), value).unwrap().unwrap();
+    let l = stage_latencies("me", m.source().unwrap(), None, at(100)).unwrap();
+    assert_eq!(l.stages, vec![("b".into(), 30.0), ("me".into(), 60.0)]);
+    assert_eq!(l.total_seconds, 90.0);
+}
+
+#[test]
 fn unknown_fields_are_ignored_at_every_level() {
     let value = br#"{"extra": [[[[1]]]], "item": "x", "hist": {"svc": "s", "dt": "d", "more": {"a": 1},
         "refs": [{"topic": "t", "partition": 1, "offset": 2, "key": "k", "hist": null, "why": true}]}}"#;
