@@ -335,6 +335,17 @@ impl OffsetTracker {
         out
     }
 
+    /// The last offset committed for each partition held, in partition order.
+    pub fn committed_offsets(&self) -> Vec<(TopicPartition, i64)> {
+        let mut out: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|(tp, p)| p.committed.map(|c| (tp.clone(), c)))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Records a successful commit of `offset` for `tp`.
     pub fn committed(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(p) = self.partitions.get_mut(tp) {

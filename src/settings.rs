@@ -642,6 +642,39 @@ impl KafkaProperties {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// The properties as `name=value` pairs for a log line, with the value
+    /// of every property that may hold a secret (a password, a key, a
+    /// token, an OAuth secret or config) replaced by `<redacted>`.
+    ///
+    /// ```
+    /// use kafka_batch::settings::KafkaProperties;
+    ///
+    /// let mut props = KafkaProperties::default();
+    /// props.set("sasl.password", "hunter2").set("fetch.min.bytes", "1");
+    /// assert_eq!(props.redacted(), "fetch.min.bytes=1 sasl.password=<redacted>");
+    /// ```
+    pub fn redacted(&self) -> String {
+        const SECRET: &[&str] = &[
+            "password",
+            "secret",
+            "key.pem",
+            "token",
+            "oauthbearer.config",
+            "jaas",
+        ];
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                if SECRET.iter().any(|s| k.contains(s)) {
+                    format!("{k}=<redacted>")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     fn overlaid_by(&self, over: &KafkaProperties) -> KafkaProperties {
         let mut merged = self.0.clone();
         merged.extend(over.0.iter().map(|(k, v)| (k.clone(), v.clone())));

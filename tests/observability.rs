@@ -40,11 +40,42 @@ impl<S: tracing::Subscriber> Layer<S> for BatchSpans {
     }
 }
 
+/// Records each `info` event of the library: its message and its fields.
+#[derive(Clone, Default)]
+struct InfoLines(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> Layer<S> for InfoLines {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        struct Line<'a>(&'a mut String);
+        impl Visit for Line<'_> {
+            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0.insert_str(0, &format!("{value:?}"));
+                } else {
+                    self.0.push_str(&format!(" {}={value:?}", field.name()));
+                }
+            }
+        }
+        let metadata = event.metadata();
+        if *metadata.level() == tracing::Level::INFO && metadata.target().starts_with("kafka_batch")
+        {
+            let mut line = String::new();
+            event.record(&mut Line(&mut line));
+            self.0.lock().unwrap().push(line);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_counted_timed_and_traced() {
     let spans = BatchSpans::default();
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(spans.clone()))
-        .unwrap();
+    let info = InfoLines::default();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::registry()
+            .with(spans.clone())
+            .with(info.clone()),
+    )
+    .unwrap();
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
@@ -134,5 +165,40 @@ async fn batches_are_counted_timed_and_traced() {
         spans,
         vec!["observed[0=0:6]", "observed[0=6:12]"],
         "one span per batch, naming its offsets"
+    );
+
+    // What an operator sees at `info`: the start with its settings, the
+    // partitions, the first commit, and the stop with what was committed last.
+    let info = info.0.lock().unwrap().clone();
+    let expected = [
+        "consumer started: joining the group",
+        "partitions assigned",
+        "first offsets committed",
+        "consumer stopping: leaving the group",
+        "consumer closed",
+    ];
+    let mut at = 0;
+    for want in expected {
+        let found = info[at..].iter().position(|line| line.starts_with(want));
+        let Some(i) = found else {
+            panic!("no `{want}` line after {:?}: {info:#?}", expected.first());
+        };
+        at += i + 1;
+    }
+    let started = info
+        .iter()
+        .find(|l| l.starts_with("consumer started"))
+        .unwrap();
+    assert!(
+        started.contains("group=g") && started.contains("topics=observed"),
+        "{started}"
+    );
+    let stopping = info
+        .iter()
+        .find(|l| l.starts_with("consumer stopping"))
+        .unwrap();
+    assert!(
+        stopping.contains(&format!("last_committed=observed[0]={}", committed[&0])),
+        "the last commit, as the broker has it: {stopping}"
     );
 }

@@ -51,7 +51,9 @@ pub(super) fn commit_offsets(
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => {
             shared.metrics.commits.increment(1);
-            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            if shared.stats.commits.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::info!(offsets = %describe(offsets), "first offsets committed");
+            }
             tracing::debug!(offsets = ?offsets, "offsets committed");
             Ok(())
         }
@@ -64,6 +66,15 @@ pub(super) fn commit_offsets(
             Err(e)
         }
     }
+}
+
+/// `topic[partition]=offset,...` for a log line.
+fn describe(offsets: &[(TopicPartition, i64)]) -> String {
+    offsets
+        .iter()
+        .map(|(tp, o)| format!("{tp}={o}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// True for a commit the broker refused because the group is rebalancing:

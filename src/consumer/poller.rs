@@ -54,6 +54,17 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         shared.lock().inbox = None;
         return Err(e.into());
     }
+    tracing::info!(
+        group = %settings.group_id,
+        topics = %subscription.join(","),
+        bootstrap_servers = %settings.bootstrap_servers,
+        batch_size = settings.batch_size,
+        batch_timeout_ms = settings.batch_timeout_ms,
+        commit = settings.commit,
+        failure = %settings.failure.policies.iter().map(|p| p.name()).collect::<Vec<_>>().join(","),
+        kafka = %settings.kafka.redacted(),
+        "consumer started: joining the group"
+    );
     let chain = Chain::new(&settings.failure);
     let retry_topic = settings
         .failure
@@ -250,7 +261,15 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         &shared,
         Duration::from_millis(settings.shutdown_timeout_ms),
     );
-    shared.lock().in_flight.clear();
+    let last_commits = {
+        let mut st = shared.lock();
+        st.in_flight.clear();
+        st.tracker.committed_offsets()
+    };
+    tracing::info!(
+        last_committed = %last_commits.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","),
+        "consumer stopping: leaving the group"
+    );
     // Dropping the consumer leaves the group; its revoke callback runs here.
     drop(consumer);
     // Commit requests still queued learn that the consumer has stopped.
