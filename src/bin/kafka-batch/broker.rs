@@ -48,7 +48,9 @@ pub fn run(args: &Args) -> Result<(), Failure> {
         broker
             .create_topic(topic, *partitions)
             .map_err(|e| runtime(format!("cannot create topic {topic:?}"), e))?;
-        note(format_args!("created topic {topic} with {partitions} partitions"));
+        note(format_args!(
+            "created topic {topic} with {partitions} partitions"
+        ));
     }
     let rt = runtime_for_async()?;
     rt.block_on(async {

@@ -187,7 +187,10 @@ pub fn metadata(env: &Env, client: &Client) -> Result<Metadata, Failure> {
     client.fetch_metadata(None, env.timeout).map_err(|e| {
         // Serve the queued events, so the context sees the connection errors.
         let _ = client.poll(Duration::ZERO);
-        let why = client.context().last_error().unwrap_or_else(|| e.to_string());
+        let why = client
+            .context()
+            .last_error()
+            .unwrap_or_else(|| e.to_string());
         Failure::Unreachable(format!(
             "cannot reach the brokers at {} within {} s: {why}",
             env.bootstrap,

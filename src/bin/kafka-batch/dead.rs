@@ -6,8 +6,8 @@ use kafka_batch::failure::FailureInfo;
 use kafka_batch::replay::{DeadLetter, Replay};
 
 use crate::client::{
-    escape_bytes, metadata, partitions, runtime, runtime_for_async, select_partition, Env,
-    Failure, Out,
+    escape_bytes, metadata, partitions, runtime, runtime_for_async, select_partition, Env, Failure,
+    Out,
 };
 
 #[derive(clap::Subcommand)]

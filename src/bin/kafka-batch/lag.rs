@@ -106,9 +106,12 @@ fn rows(env: &Env, client: &Client, args: &Args) -> Result<Vec<Row>, Failure> {
     if tpl.count() == 0 {
         return Ok(Vec::new());
     }
-    let committed = client
-        .committed_offsets(tpl, env.timeout)
-        .map_err(|e| runtime(format!("cannot read the commits of group {:?}", args.group), e))?;
+    let committed = client.committed_offsets(tpl, env.timeout).map_err(|e| {
+        runtime(
+            format!("cannot read the commits of group {:?}", args.group),
+            e,
+        )
+    })?;
     let mut rows = Vec::new();
     for (topic, partitions) in &topics {
         let offsets: Vec<(i32, Option<i64>)> = partitions

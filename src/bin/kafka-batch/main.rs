@@ -57,12 +57,12 @@ enum Command {
     /// Print a topic's records, decoded from the envelope, one line each.
     Tail(tail::Args),
     /// Show a consumer group's committed offsets, log ends and lag.
-        Lag(lag::Args),
+    Lag(lag::Args),
     /// List or replay the records of a dead-letter topic.
     #[command(subcommand, after_help = exit_codes!())]
     Dead(dead::Command),
     /// Produce JSON lines from standard input, each packed into an envelope.
-        Produce(produce::Args),
+    Produce(produce::Args),
 }
 
 fn main() -> ExitCode {

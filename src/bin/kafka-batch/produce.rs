@@ -81,8 +81,8 @@ pub fn run(env: &Env, args: &Args) -> Result<(), Failure> {
             for line in lines {
                 match line {
                     Line::Json(value) => {
-                        let id = id_of(&value, args.id_field.as_deref())
-                            .unwrap_or_else(|| ids.next());
+                        let id =
+                            id_of(&value, args.id_field.as_deref()).unwrap_or_else(|| ids.next());
                         batch.push(Message::new(id, value));
                     }
                     Line::Bad(why) => {
@@ -137,9 +137,7 @@ fn read_lines(tx: &mpsc::Sender<Line>) {
                 },
                 Err(_) => Line::Bad(format!("line {number} is not UTF-8 text")),
             },
-            Err(e) => Line::Bad(format!(
-                "cannot read standard input at line {number}: {e}"
-            )),
+            Err(e) => Line::Bad(format!("cannot read standard input at line {number}: {e}")),
         };
         let stop = matches!(line, Line::Bad(_));
         // A closed channel means the producer stopped: nothing more to read.
