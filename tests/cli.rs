@@ -507,3 +507,28 @@ fn broker_prints_its_address_serves_clients_and_stops_on_sigterm() {
     let run = finish(child);
     assert!(run.status.success(), "exit {:?}", run.status);
 }
+
+#[test]
+fn tail_follow_waits_for_new_records_until_its_count() {
+    let broker = broker_with("live", 2);
+    produce_to(&broker, "live", &[(0, 0)]);
+    let child = command(&at(&broker, &["tail", "live", "--follow", "--count", "3"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    // Written while tail runs (or before it assigns: it starts at the
+    // beginning it saw, so either way it must wait for the third).
+    produce_to(&broker, "live", &[(1, 1), (0, 2)]);
+    let run = finish(child);
+    let lines: BTreeSet<&str> = run.assert_ok().lines().into_iter().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"live:0:0 m0 {"n":0}"#,
+            r#"live:1:0 m1 {"n":1}"#,
+            r#"live:0:1 m2 {"n":2}"#
+        ]
+        .into()
+    );
+}
