@@ -114,7 +114,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             let shutting_down = shared.stopping.load(Ordering::Acquire);
             let draining = failure.is_some();
             if !shutting_down {
-                hand_over(&mut ready, &batches, &mut st);
+                hand_over(&mut ready, &batches, &mut st, &shared);
             }
             if let Some(limit) = long_batch {
                 warn_long_batches(&mut st, &shared, now, limit);
@@ -250,7 +250,11 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         &shared,
         Duration::from_millis(settings.shutdown_timeout_ms),
     );
-    shared.lock().in_flight.clear();
+    {
+        let mut st = shared.lock();
+        st.in_flight.clear();
+        st.publish_in_flight(&shared);
+    }
     // Dropping the consumer leaves the group; its revoke callback runs here.
     drop(consumer);
     // Commit requests still queued learn that the consumer has stopped.
@@ -295,6 +299,7 @@ fn hand_over<T>(
     ready: &mut VecDeque<Batch<T>>,
     batches: &tokio::sync::mpsc::Sender<Batch<T>>,
     st: &mut PollerState,
+    shared: &Shared,
 ) {
     while let Some(mut batch) = ready.pop_front() {
         if !batch.drop_stale(&st.tracker) {
@@ -329,7 +334,9 @@ fn hand_over<T>(
             id: batch.id,
             ranges,
             warned: false,
+            records: batch.messages.len() + batch.rejected.len(),
         });
+        st.publish_in_flight(shared);
         permit.send(batch);
     }
 }
