@@ -76,8 +76,8 @@ pub enum Error {
     #[error("the consumer has stopped, so nothing was committed: commit from the handler, while `process` runs")]
     Stopped,
     /// The Prometheus endpoint could not be started
-    /// ([`serve_prometheus`](crate::metrics::serve_prometheus), feature
-    /// `prometheus`).
+    /// (`kafka_batch::metrics::serve_prometheus`, or the consumer's
+    /// `metrics.prometheus_listen`; feature `prometheus`).
     #[error("cannot serve Prometheus metrics on {addr}: {reason}")]
     Prometheus {
         /// The address asked for.

@@ -1,6 +1,6 @@
 //! Metrics through the [`metrics`] facade: install any recorder (for example
 //! `metrics-exporter-prometheus`) and these appear. With the `prometheus`
-//! feature, [`serve_prometheus`] (or the setting `metrics.prometheus_listen`)
+//! feature, `serve_prometheus` (or the setting `metrics.prometheus_listen`)
 //! serves them at `/metrics`.
 //!
 //! | name | kind | labels | meaning |

@@ -181,6 +181,20 @@ impl StatisticsGauges {
     }
 }
 
+/// A consumer that stopped holds no partition: its gauges fall to 0 (in
+/// a process that goes on, they would otherwise stand at their last value).
+impl Drop for StatisticsGauges {
+    fn drop(&mut self) {
+        let published = self
+            .published
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (gauge, _) in published.gauges.values() {
+            gauge.set(0.0);
+        }
+    }
+}
+
 impl Published {
     /// Keeps a gauge (if published) without changing its value.
     fn keep(&mut self, name: &'static str, scope: Scope) {
@@ -354,6 +368,13 @@ mod tests {
                 Some(0.0)
             );
             stats.update(b"not json");
+            stats.update(report(3, false).as_bytes());
+            drop(stats);
+            assert_eq!(
+                value(&gauges(&snapshotter), "kafka_batch_lag", "partition=0"),
+                Some(0.0),
+                "a stopped consumer's lag falls to 0"
+            );
         });
     }
 
