@@ -217,6 +217,18 @@ async fn the_endpoint_serves_lag_in_flight_and_librdkafka_figures_while_the_cons
     settings.metrics.librdkafka_statistics = true;
     settings.kafka.set("statistics.interval.ms", "200");
 
+    // A port taken: a clear error naming the setting, and nothing installed.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let mut refused = settings.clone();
+    refused.metrics.prometheus_listen = taken.local_addr().expect("its address").to_string();
+    let error = Consumer::new(&refused)
+        .expect_err("the port is taken")
+        .to_string();
+    assert!(
+        error.contains("metrics.prometheus_listen") && error.contains("cannot listen"),
+        "{error}"
+    );
+
     let consumer = Consumer::new(&settings).expect("the consumer, and its endpoint");
     // Once per process: the same address again is fine, a second endpoint is not.
     drop(Consumer::new(&settings).expect("a second consumer on the same endpoint"));
@@ -224,6 +236,14 @@ async fn the_endpoint_serves_lag_in_flight_and_librdkafka_figures_while_the_cons
         .expect_err("a second endpoint")
         .to_string();
     assert!(again.contains("already serves"), "{again}");
+    let elsewhere = Consumer::new(&refused)
+        .expect_err("one endpoint per process")
+        .to_string();
+    assert!(
+        elsewhere.contains("metrics.prometheus_listen") && elsewhere.contains("already serves"),
+        "{elsewhere}"
+    );
+    drop(taken);
 
     let handle = consumer.handle();
     let release = Arc::new(AtomicBool::new(false));
