@@ -91,15 +91,30 @@ impl Consumer {
     /// its group) when [`Consumer::process`] starts.
     ///
     /// Fails with an error naming the setting when the settings cannot work.
+    ///
+    /// With `metrics.prometheus_listen` set (feature `prometheus`), this
+    /// starts the Prometheus endpoint, once per process: here rather than in
+    /// [`Consumer::process`], because the consumer registers its metrics
+    /// now, and they must go to the endpoint's recorder.
     pub fn new(settings: &ConsumerSettings) -> Result<Consumer, Error> {
         let config = settings.client_config()?;
+        #[cfg(feature = "prometheus")]
+        if let Some(addr) = settings.metrics.prometheus_addr()? {
+            crate::metrics::ensure_serving(addr).map_err(|reason| {
+                crate::SettingsError::Invalid {
+                    setting: "metrics.prometheus_listen".into(),
+                    problem: format!("= \"{addr}\": {reason}"),
+                    fix: "choose a free address, or leave it empty and install a metrics recorder yourself".into(),
+                }
+            })?;
+        }
         let (events, inbox) = mpsc::channel();
         let shared = Arc::new(Shared::new(settings, inbox));
         // Created here so that a configuration librdkafka refuses fails now;
         // the group is joined only when `process` starts, so a consumer
         // created early is never a member that does not poll.
         let consumer: BaseConsumer<PollerContext> =
-            config.create_with_context(PollerContext::new(Arc::clone(&shared)))?;
+            config.create_with_context(PollerContext::new(Arc::clone(&shared), settings))?;
         Ok(Consumer {
             consumer,
             shared,

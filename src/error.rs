@@ -75,6 +75,16 @@ pub enum Error {
     /// The consumer has stopped, so it cannot do what was asked.
     #[error("the consumer has stopped, so nothing was committed: commit from the handler, while `process` runs")]
     Stopped,
+    /// The Prometheus endpoint could not be started
+    /// (`kafka_batch::metrics::serve_prometheus`, or the consumer's
+    /// `metrics.prometheus_listen`; feature `prometheus`).
+    #[error("cannot serve Prometheus metrics on {addr}: {reason}")]
+    Prometheus {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why not.
+        reason: String,
+    },
     /// The consumer's poller thread ended without a result (it panicked).
     #[error(
         "the kafka-batch poller thread ended unexpectedly: {0}; this is a bug, please report it"

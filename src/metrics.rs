@@ -1,9 +1,12 @@
 //! Metrics through the [`metrics`] facade: install any recorder (for example
-//! `metrics-exporter-prometheus`) and these appear.
+//! `metrics-exporter-prometheus`) and these appear. With the `prometheus`
+//! feature, `serve_prometheus` (or the setting `metrics.prometheus_listen`)
+//! serves them at `/metrics`.
 //!
 //! | name | kind | labels | meaning |
 //! | --- | --- | --- | --- |
 //! | `<service>_kafka_process_seconds` | histogram | | time the handler took per batch (the Python wrapper's summary) |
+//! | `kafka_batch_handler_seconds` | histogram | `service` | the same time per batch, under one name for every service |
 //! | `<service>_kafka_process_count` | counter | | messages handed to the handler and handled `Ok` (the Python wrapper's counter) |
 //! | `kafka_batch_batches_total` | counter | `service`, `outcome` = `ok` / `error` | batches handled |
 //! | `kafka_batch_batch_messages` | histogram | `service` | messages per batch |
@@ -19,6 +22,9 @@
 //! | `kafka_batch_commit_failures_total` | counter | `service` | failed offset commits (retried) |
 //! | `kafka_batch_rebalances_total` | counter | `service`, `kind` = `assign` / `revoke` / `error` | group rebalances seen |
 //! | `kafka_batch_paused` | gauge | `service` | 1 while the poller has paused its partitions for back-pressure |
+//! | `kafka_batch_in_flight_batches` | gauge | `service` | batches handed to the handler (or waiting for it in the channel) and not yet settled |
+//! | `kafka_batch_in_flight_records` | gauge | `service` | the messages in those batches |
+//! | `kafka_batch_lag` | gauge | `service`, `topic`, `partition` | per assigned partition: log end (high watermark) minus the group's committed offset, from librdkafka's statistics (see below); 0 once the partition is no longer assigned here |
 //! | `kafka_batch_produced_total` | counter | `service`, `topic` | records delivered |
 //! | `kafka_batch_produce_failures_total` | counter | `service`, `topic` | records whose delivery failed |
 //! | `kafka_batch_oversized_skipped_total` | counter | `service`, `topic` | records skipped as too large (`producer.skip_oversized`) |
@@ -26,8 +32,42 @@
 //! A failure `reason` is `handler` (the handler failed the message), or the
 //! decode error's kind: `null_key`, `key_not_utf8`, `not_json`,
 //! `not_envelope`, `payload_type`.
+//!
+//! # From librdkafka's statistics
+//!
+//! `kafka_batch_lag` is refreshed each time librdkafka reports its
+//! statistics (`statistics.interval.ms`), never by a request of its own. They
+//! are on at 5000 ms when `metrics.prometheus_listen`, `metrics.lag` or
+//! `metrics.librdkafka_statistics` is set, unless a `kafka` table sets
+//! `statistics.interval.ms`; lag is published whenever they are on. A
+//! partition's lag appears once the group has a committed offset for it and
+//! the consumer has read its high watermark. With
+//! `metrics.librdkafka_statistics = true` this subset of librdkafka's own
+//! figures is forwarded too, as gauges (librdkafka's counts since the client
+//! started, as it reports them):
+//!
+//! | name | labels | librdkafka's field |
+//! | --- | --- | --- |
+//! | `kafka_batch_librdkafka_replyq` | `service` | `replyq`: operations (callbacks, events) waiting in the client's queue |
+//! | `kafka_batch_librdkafka_msg_cnt` | `service` | `msg_cnt`: messages in the client's producer queues |
+//! | `kafka_batch_librdkafka_broker_rtt_avg_seconds` | `service`, `broker` | `brokers.*.rtt.avg`: average request round trip over the last interval |
+//! | `kafka_batch_librdkafka_broker_rx_bytes` | `service`, `broker` | `brokers.*.rxbytes`: bytes received from the broker |
+//! | `kafka_batch_librdkafka_broker_tx_bytes` | `service`, `broker` | `brokers.*.txbytes`: bytes sent to the broker |
+//! | `kafka_batch_librdkafka_fetchq_messages` | `service`, `topic`, `partition` | `fetchq_cnt`: messages fetched and waiting in the partition's queue |
+//! | `kafka_batch_librdkafka_fetchq_bytes` | `service`, `topic`, `partition` | `fetchq_size`: their bytes |
+//!
+//! `broker` is librdkafka's broker name, `host:port/id`.
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+#[cfg(feature = "prometheus")]
+mod prometheus;
+pub(crate) mod statistics;
+
+#[cfg(feature = "prometheus")]
+pub(crate) use prometheus::ensure_serving;
+#[cfg(feature = "prometheus")]
+pub use prometheus::{serve_prometheus, PrometheusEndpoint};
 
 /// The Prometheus-safe form of a service name, for the metric name prefix.
 pub fn metric_prefix(service: &str) -> String {
@@ -47,6 +87,7 @@ pub fn metric_prefix(service: &str) -> String {
 #[derive(Clone)]
 pub(crate) struct ConsumerMetrics {
     pub process_seconds: Histogram,
+    pub handler_seconds: Histogram,
     pub process_count: Counter,
     pub batches_ok: Counter,
     pub batches_failed: Counter,
@@ -59,6 +100,8 @@ pub(crate) struct ConsumerMetrics {
     pub revokes: Counter,
     pub rebalance_errors: Counter,
     pub paused: Gauge,
+    pub in_flight_batches: Gauge,
+    pub in_flight_records: Gauge,
     pub offset_gaps: Counter,
     pub handler_panics: Counter,
     pub handler_timeouts: Counter,
@@ -73,6 +116,7 @@ impl ConsumerMetrics {
         ConsumerMetrics {
             process_seconds: histogram!(format!("{prefix}_kafka_process_seconds")),
             process_count: counter!(format!("{prefix}_kafka_process_count")),
+            handler_seconds: histogram!("kafka_batch_handler_seconds", "service" => svc.clone()),
             batches_ok: counter!("kafka_batch_batches_total", "service" => svc.clone(), "outcome" => "ok"),
             batches_failed: counter!("kafka_batch_batches_total", "service" => svc.clone(), "outcome" => "error"),
             batch_messages: histogram!("kafka_batch_batch_messages", "service" => svc.clone()),
@@ -84,6 +128,8 @@ impl ConsumerMetrics {
             revokes: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "revoke"),
             rebalance_errors: counter!("kafka_batch_rebalances_total", "service" => svc.clone(), "kind" => "error"),
             paused: gauge!("kafka_batch_paused", "service" => svc.clone()),
+            in_flight_batches: gauge!("kafka_batch_in_flight_batches", "service" => svc.clone()),
+            in_flight_records: gauge!("kafka_batch_in_flight_records", "service" => svc.clone()),
             offset_gaps: counter!("kafka_batch_offset_gaps_total", "service" => svc.clone()),
             handler_panics: counter!("kafka_batch_handler_panics_total", "service" => svc.clone()),
             handler_timeouts: counter!("kafka_batch_handler_timeouts_total", "service" => svc.clone()),

@@ -40,10 +40,12 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 mod failure;
+mod metrics;
 
 pub use failure::{
     Backoff, DeadLetterSettings, FailurePolicy, FailureSettings, RetrySettings, RetryTopicSettings,
 };
+pub use metrics::{MetricsSettings, DEFAULT_STATISTICS_INTERVAL_MS};
 
 /// The service name used when none is set.
 pub const DEFAULT_SERVICE: &str = "kafka-batch";
@@ -117,6 +119,9 @@ pub struct Settings {
     pub consumer: ConsumerSettings,
     /// The producer's settings.
     pub producer: ProducerSettings,
+    /// The Prometheus endpoint and librdkafka's statistics (the consumer
+    /// gets a copy, [`ConsumerSettings::metrics`]).
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Settings {
@@ -127,6 +132,7 @@ impl Default for Settings {
             kafka: KafkaProperties::default(),
             consumer: ConsumerSettings::default(),
             producer: ProducerSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -193,6 +199,9 @@ pub struct ConsumerSettings {
     /// Name of this service (filled from the top-level `service`).
     #[serde(skip)]
     pub service: String,
+    /// The metrics settings (filled from the top-level `[metrics]` table).
+    #[serde(skip)]
+    pub metrics: MetricsSettings,
 }
 
 impl Default for ConsumerSettings {
@@ -214,6 +223,7 @@ impl Default for ConsumerSettings {
             failure: FailureSettings::default(),
             kafka: KafkaProperties::default(),
             service: DEFAULT_SERVICE.into(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -410,6 +420,7 @@ impl Settings {
             *kafka = self.kafka.overlaid_by(kafka);
             service.clone_from(&self.service);
         }
+        self.consumer.metrics.clone_from(&self.metrics);
     }
 
     /// Checks every value that can be checked without knowing whether a
@@ -424,6 +435,7 @@ impl Settings {
             ));
         }
         self.kafka.check_reserved("kafka")?;
+        self.metrics.validate()?;
         self.consumer.check_values()?;
         self.producer.kafka.check_reserved("producer.kafka")?;
         Ok(())
@@ -535,6 +547,7 @@ impl ConsumerSettings {
             }
         }
         self.failure.check(&self.topics)?;
+        self.metrics.validate()?;
         self.kafka.check_reserved("consumer.kafka")
     }
 
@@ -567,6 +580,9 @@ impl ConsumerSettings {
         let mut config = rdkafka::ClientConfig::new();
         for (k, v) in CONSUMER_DEFAULTS {
             config.set(*k, *v);
+        }
+        if let Some(interval) = self.metrics.statistics_interval(&self.kafka) {
+            config.set("statistics.interval.ms", interval.to_string());
         }
         for (k, v) in self.kafka.iter() {
             config.set(k, v);

@@ -125,7 +125,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             let shutting_down = shared.stopping.load(Ordering::Acquire);
             let draining = failure.is_some();
             if !shutting_down {
-                hand_over(&mut ready, &batches, &mut st);
+                hand_over(&mut ready, &batches, &mut st, &shared);
             }
             if let Some(limit) = long_batch {
                 warn_long_batches(&mut st, &shared, now, limit);
@@ -264,6 +264,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     let last_commits = {
         let mut st = shared.lock();
         st.in_flight.clear();
+        st.publish_in_flight(&shared);
         st.tracker.committed_offsets()
     };
     tracing::info!(
@@ -314,6 +315,7 @@ fn hand_over<T>(
     ready: &mut VecDeque<Batch<T>>,
     batches: &tokio::sync::mpsc::Sender<Batch<T>>,
     st: &mut PollerState,
+    shared: &Shared,
 ) {
     while let Some(mut batch) = ready.pop_front() {
         if !batch.drop_stale(&st.tracker) {
@@ -348,7 +350,9 @@ fn hand_over<T>(
             id: batch.id,
             ranges,
             warned: false,
+            records: batch.messages.len() + batch.rejected.len(),
         });
+        st.publish_in_flight(shared);
         permit.send(batch);
     }
 }

@@ -19,20 +19,38 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::commit::commit_finished;
 use super::gaps::Expectation;
 use super::state::Shared;
+use crate::metrics::statistics::StatisticsGauges;
 use crate::offsets::TopicPartition;
+use crate::settings::ConsumerSettings;
 
-/// The consumer's librdkafka context: rebalance callbacks over the shared state.
+/// The consumer's librdkafka context: rebalance callbacks over the shared
+/// state, and the statistics turned into gauges.
 pub(crate) struct PollerContext {
     shared: Arc<Shared>,
+    statistics: StatisticsGauges,
 }
 
 impl PollerContext {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
-        PollerContext { shared }
+    pub(super) fn new(shared: Arc<Shared>, settings: &ConsumerSettings) -> Self {
+        PollerContext {
+            shared,
+            statistics: StatisticsGauges::new(
+                &settings.service,
+                settings.metrics.librdkafka_statistics,
+            ),
+        }
     }
 }
 
-impl ClientContext for PollerContext {}
+impl ClientContext for PollerContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`, inside
+    /// `poll` on the poller thread): the lag gauges and, when asked for,
+    /// librdkafka's own figures. Read as JSON here, skipping the fields not
+    /// used, instead of rust-rdkafka's full `Statistics`.
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.statistics.update(statistics);
+    }
+}
 
 impl ConsumerContext for PollerContext {
     /// Serves a rebalance the way rust-rdkafka's default does (assign or
@@ -307,7 +325,7 @@ mod tests {
         let consumer: BaseConsumer<PollerContext> = settings
             .client_config()
             .expect("settings")
-            .create_with_context(PollerContext::new(Arc::clone(&shared)))
+            .create_with_context(PollerContext::new(Arc::clone(&shared), &settings))
             .expect("consumer");
         consumer.subscribe(&["t"]).expect("subscribed");
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -454,9 +454,9 @@ where
         }
     };
     let metrics = &shared.metrics;
-    metrics
-        .process_seconds
-        .record(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.process_seconds.record(elapsed);
+    metrics.handler_seconds.record(elapsed);
     match result {
         Ok(()) => {
             metrics.process_count.increment(count as u64);

@@ -150,6 +150,8 @@ pub(super) struct InFlight {
     pub(super) ranges: Vec<(TopicPartition, crate::offsets::Generation, i64, i64)>,
     /// True once it was logged as running long.
     pub(super) warned: bool,
+    /// Its messages, and undecodable records for the dead-letter topic.
+    pub(super) records: usize,
 }
 
 /// A partition to pause, seek back to `offset`, and resume at `due`.
@@ -259,7 +261,7 @@ impl PollerState {
                 self.handler_failed = true;
             }
             ToPoller::Abandoned { batch } => {
-                self.take_in_flight(batch);
+                self.take_in_flight(batch, shared);
             }
             ToPoller::Commit { settle, reply } => {
                 // Through the tracker, like every commit: what the request
@@ -296,7 +298,7 @@ impl PollerState {
     /// or finished up to its rewind (and, for a retry, scheduled to be read
     /// again from there).
     pub(super) fn settle(&mut self, batch: u64, rewinds: &[Rewind], shared: &Shared) {
-        let Some(done) = self.take_in_flight(batch) else {
+        let Some(done) = self.take_in_flight(batch, shared) else {
             return;
         };
         let mut rewound = false;
@@ -362,9 +364,22 @@ impl PollerState {
         self.seeks.iter().find(|s| s.tp == *tp).map(|s| s.offset)
     }
 
-    pub(super) fn take_in_flight(&mut self, batch: u64) -> Option<InFlight> {
+    pub(super) fn take_in_flight(&mut self, batch: u64, shared: &Shared) -> Option<InFlight> {
         let i = self.in_flight.iter().position(|b| b.id == batch)?;
-        Some(self.in_flight.swap_remove(i))
+        let done = self.in_flight.swap_remove(i);
+        self.publish_in_flight(shared);
+        Some(done)
+    }
+
+    /// Sets the in-flight gauges: once per batch handed over or settled
+    /// (the batches in flight are a handful), never per record.
+    pub(super) fn publish_in_flight(&self, shared: &Shared) {
+        let records: usize = self.in_flight.iter().map(|b| b.records).sum();
+        shared
+            .metrics
+            .in_flight_batches
+            .set(self.in_flight.len() as f64);
+        shared.metrics.in_flight_records.set(records as f64);
     }
 }
 

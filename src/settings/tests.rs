@@ -356,3 +356,100 @@ fn a_failure_chain_that_cannot_work_is_refused_with_the_fix() {
         Ok(())
     });
 }
+
+#[test]
+fn the_metrics_table_loads_from_toml_and_env_and_reaches_the_consumer() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_METRICS__LAG", "true");
+        let s = load_in(
+            jail,
+            r#"
+            bootstrap_servers = "b:9092"
+            [consumer]
+            group_id = "g"
+            topics = ["t"]
+            [metrics]
+            librdkafka_statistics = true
+            "#,
+        )
+        .expect("valid settings");
+        let expected = MetricsSettings {
+            prometheus_listen: String::new(),
+            lag: true,
+            librdkafka_statistics: true,
+        };
+        assert_eq!(s.metrics, expected, "the file, then env");
+        assert_eq!(s.consumer.metrics, expected, "filled from the top level");
+        let config = s.consumer.client_config().expect("consumer config");
+        assert_eq!(
+            config.get("statistics.interval.ms"),
+            Some("5000"),
+            "statistics on at the default interval"
+        );
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        let text = message(load_in(jail, "[metrics]\nprometheus_listn = \"x\"\n"));
+        assert!(text.contains("prometheus_listn"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn statistics_are_off_unless_a_metric_needs_them_and_the_users_interval_wins() {
+    let mut s = ConsumerSettings::new("b:9092", "g", &["t"]);
+    let interval = |s: &ConsumerSettings| {
+        s.client_config()
+            .expect("config")
+            .get("statistics.interval.ms")
+            .map(str::to_owned)
+    };
+    assert_eq!(interval(&s), None, "librdkafka's default: off");
+    s.metrics.lag = true;
+    assert_eq!(interval(&s).as_deref(), Some("5000"));
+    s.kafka.set("statistics.interval.ms", "200");
+    assert_eq!(interval(&s).as_deref(), Some("200"), "the user's own wins");
+    s.kafka.set("statistics.interval.ms", "0");
+    assert_eq!(interval(&s).as_deref(), Some("0"), "even to turn them off");
+}
+
+#[cfg(not(feature = "prometheus"))]
+#[test]
+fn a_prometheus_endpoint_without_the_feature_is_refused() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_METRICS__PROMETHEUS_LISTEN", "127.0.0.1:9464");
+        let text = message(load_in(jail, ""));
+        assert!(text.contains("metrics.prometheus_listen"), "{text}");
+        assert!(text.contains("features = [\"prometheus\"]"), "{text}");
+        Ok(())
+    });
+    let mut s = ConsumerSettings::new("b:9092", "g", &["t"]);
+    s.metrics.prometheus_listen = "127.0.0.1:9464".into();
+    let text = s.validate().expect_err("no feature").to_string();
+    assert!(text.contains("`prometheus` cargo feature"), "{text}");
+}
+
+#[cfg(feature = "prometheus")]
+#[test]
+fn a_prometheus_address_loads_from_toml_and_must_parse() {
+    Jail::expect_with(|jail| {
+        let s = load_in(jail, "[metrics]\nprometheus_listen = \"127.0.0.1:9464\"\n")
+            .expect("valid settings");
+        assert_eq!(s.consumer.metrics.prometheus_listen, "127.0.0.1:9464");
+        assert_eq!(
+            s.metrics.prometheus_addr().expect("parses"),
+            Some(([127, 0, 0, 1], 9464).into())
+        );
+        assert!(s.metrics.wants_statistics(), "the endpoint implies lag");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_METRICS__PROMETHEUS_LISTEN", "localhost");
+        let text = message(load_in(jail, ""));
+        assert!(
+            text.contains("metrics.prometheus_listen") && text.contains("port"),
+            "{text}"
+        );
+        Ok(())
+    });
+}
