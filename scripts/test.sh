@@ -4,7 +4,10 @@
 #
 #   tier 1: unit and property tests of the pure layers (envelope, settings, offsets)
 #   tier 2: integration tests against the embedded broker (librdkafka's mock
-#           cluster, on loopback, inside each test process), and doc tests
+#           cluster, on loopback, inside each test process): the promise
+#           checker (tests/promise.rs), the regressions, the kafka-batch
+#           command run as a user would, the Prometheus endpoint scraped over
+#           HTTP; and doc tests
 #   bad input: 1,000,000 arbitrary keys, values and headers through the
 #           decoder, in release mode (tests/decode_fuzz.rs)
 #   tier 3: reliability on a real broker: tansu (an Apache Kafka compatible
@@ -54,11 +57,14 @@ if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
   tansu_install=$!
 fi
 
-echo "== tier 1: unit and property tests"
+# Every feature is built and tested: the `cli` command and the `prometheus`
+# endpoint are off by default for services, and their tests need them on.
+echo "== tier 1: unit and property tests (default features, then all)"
 cargo test --lib
-echo "== tier 2: integration tests on the embedded broker, and doc tests"
-cargo test --test '*'
-cargo test --doc
+cargo test --lib --all-features
+echo "== tier 2: integration tests on the embedded broker (the promise checker, the kafka-batch command, the Prometheus endpoint included), and doc tests"
+cargo test --all-features --test '*'
+cargo test --all-features --doc
 echo "== bad input: 1,000,000 fuzzed records through the decoder"
 KAFKA_BATCH_FUZZ_CASES=1000000 cargo test --release --test decode_fuzz -- --nocapture
 
