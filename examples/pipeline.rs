@@ -5,6 +5,8 @@
 //! cargo run --release --example pipeline                   # embedded broker, 100,000 records
 //! PIPELINE_RECORDS=1000000 cargo run --release --example pipeline
 //! KAFKA_BATCH_BOOTSTRAP_SERVERS=localhost:9092 cargo run --release --example pipeline
+//! # metrics at http://127.0.0.1:9464/metrics while it runs:
+//! cargo run --release --features prometheus --example pipeline -- --prometheus 127.0.0.1:9464
 //! ```
 //!
 //! With no `bootstrap_servers` configured it starts kafka-batch's embedded
@@ -120,6 +122,22 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(100_000);
 
+    // `--prometheus ADDR`: serve the metrics there (the `prometheus` feature;
+    // without it the consumer refuses the setting and says so).
+    let mut args = std::env::args().skip(1);
+    let mut prometheus = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--prometheus" => {
+                prometheus = Some(
+                    args.next()
+                        .context("--prometheus needs an address, e.g. 127.0.0.1:9464")?,
+                )
+            }
+            other => anyhow::bail!("unknown argument {other:?}; the only one is --prometheus ADDR"),
+        }
+    }
+
     let mut settings = Settings::load().context("loading settings")?;
     let _embedded;
     if settings.bootstrap_servers.is_empty() {
@@ -171,6 +189,10 @@ async fn main() -> anyhow::Result<()> {
         consumer_settings.kafka.set("auto.offset.reset", "earliest");
     }
     consumer_settings.service = "pipeline-enricher".into();
+    if let Some(addr) = prometheus {
+        println!("metrics at http://{addr}/metrics");
+        consumer_settings.metrics.prometheus_listen = addr;
+    }
     let mut producer_settings = settings.producer.clone();
     producer_settings.bootstrap_servers.clone_from(&bootstrap);
     producer_settings.service = "pipeline-enricher".into();
