@@ -66,7 +66,14 @@ async fn the_promise_holds_in_random_scenarios() {
             text.push_str(&format!("  [{}] {}\n", v.property, v.detail));
         }
         let _ = writeln!(std::io::stderr(), "{text}");
-        failed.push(text);
+        let mut short = format!(
+            "seed {seed} ({}):\n",
+            promise::replay_command(*seed, panics)
+        );
+        for v in &summary.violations {
+            short.push_str(&format!("  [{}] {}\n", v.property, v.detail));
+        }
+        failed.push(short);
         if fail_fast {
             break;
         }

@@ -87,6 +87,10 @@ fn settings(sc: &Scenario, broker: &EmbeddedBroker) -> ConsumerSettings {
     s.failure.dead_letter.topic = sc.dead_topic_name();
     s.kafka.set("heartbeat.interval.ms", "300");
     s.kafka.set("session.timeout.ms", "6000");
+    // Also the rebalance timeout: the mock cluster waits this long for a
+    // member that was closed in the middle of joining (300 s by default).
+    s.kafka.set("max.poll.interval.ms", "10000");
+    s.revoke_timeout_ms = 5000;
     if sc.cooperative {
         s.kafka
             .set("partition.assignment.strategy", "cooperative-sticky");
@@ -110,8 +114,6 @@ impl Handler {
     fn call(&self, batch: Vec<Message<Value>>) -> HandlerFuture {
         let (ctx, instance) = (Arc::clone(&self.ctx), self.instance);
         let handle = self.handle.clone();
-        let ctx = Arc::clone(&ctx);
-        let handle = handle.clone();
         Box::pin(async move {
             let stats = handle.stats();
             let rebalances = stats.assigned + stats.revoked;
@@ -547,7 +549,7 @@ async fn wait_settled(
             .create()
             .expect("a client for the log ends"),
     );
-    let stall = Duration::from_secs(20)
+    let stall = Duration::from_secs(25)
         + Duration::from_millis(
             sc.retry_topic.backoff_ms * (1 + sc.retry_topic.retries as u64) * 2,
         );

@@ -226,6 +226,8 @@ impl Scenario {
             0.0
         };
         let tombstone_rate = r.between(0, 3) as f64 / 100.0;
+        // A panic stops the instance (a restart, some seconds): a few at most.
+        let mut panics = if r.chance(0.3) { r.between(1, 2) } else { 0 };
         for i in 0..total {
             let topic = r.below(sc.topics.len() as u64) as usize;
             let partition = r.below(sc.topics[topic].1 as u64) as i32;
@@ -239,7 +241,8 @@ impl Scenario {
                 } else {
                     Fate::Ok
                 })
-            } else if r.chance(0.01) {
+            } else if panics > 0 && r.chance(0.005) {
+                panics -= 1;
                 Kind::Good(Fate::PanicFirst)
             } else if fail_budget > 0 && r.chance(fail_rate) {
                 fail_budget = fail_budget.saturating_sub(1);
