@@ -20,6 +20,20 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// The records a scenario lost: committed past while not dealt with, or
+/// never dealt with by the end (each counted once).
+pub fn lost(violations: &[Violation]) -> usize {
+    violations
+        .iter()
+        .filter(|v| v.property == LOST)
+        .map(|v| &v.detail)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+/// The property name of the one-line-per-record loss entries.
+const LOST: &str = "lost record";
+
 /// When a record was dealt with: `Always` (by something the log shows,
 /// such as its copy in the retry or dead-letter topic), or from an instant.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -251,6 +265,7 @@ pub fn check(sc: &Scenario, run: &Run) -> Vec<Violation> {
     }
 
     // 1. No committed offset ever past an undealt record.
+    let mut lost_records: BTreeSet<Coord> = BTreeSet::new();
     let mut reported: BTreeSet<(String, i32)> = BTreeSet::new();
     for (seen, t, p, c) in &log.commits {
         let key = (t.clone(), *p);
@@ -267,6 +282,9 @@ pub fn check(sc: &Scenario, run: &Run) -> Vec<Violation> {
             continue;
         }
         let undealt: Vec<usize> = (0..*c as usize).filter(|o| !times[*o].by(*seen)).collect();
+        for o in &undealt {
+            lost_records.insert((t.clone(), *p, *o as i64));
+        }
         if !undealt.is_empty() {
             let first: Vec<String> = undealt
                 .iter()
@@ -320,6 +338,9 @@ pub fn check(sc: &Scenario, run: &Run) -> Vec<Violation> {
         let never: Vec<usize> = (0..times.len())
             .filter(|o| times[*o] == Dealt::Never && Some(*o as i64) != tail_at)
             .collect();
+        for o in &never {
+            lost_records.insert((t.clone(), *p, *o as i64));
+        }
         if !never.is_empty() {
             let first: Vec<String> = never
                 .iter()
@@ -367,6 +388,9 @@ pub fn check(sc: &Scenario, run: &Run) -> Vec<Violation> {
         }
     }
 
+    for (t, p, o) in &lost_records {
+        v(LOST, format!("{t}:{p}:{o}"));
+    }
     check_attempts(sc, run, &log, &ix, &mut v);
     check_order(&log, &mut v);
     check_exits(sc, run, &log, &mut v);
@@ -465,8 +489,8 @@ fn check_attempts(
     }
 }
 
-/// 4. Per partition, within one instance and one assignment, offsets
-/// increase except where a failed record is delivered again.
+/// Order (property 4): per partition, within one instance and one
+/// assignment, offsets increase except where a failed record is delivered again.
 fn check_order(log: &Log, v: &mut impl FnMut(&'static str, String)) {
     // (instance, topic, partition) -> (rebalances, highest offset, last outcome per offset)
     type State = (u64, i64, BTreeMap<i64, Outcome>);

@@ -10,14 +10,21 @@ use std::time::{Duration, Instant};
 use kafka_batch::replay::{DeadLetter, Replay};
 use kafka_batch::settings::FailurePolicy;
 use kafka_batch::testing::{EmbeddedBroker, RawProduce};
-use kafka_batch::{BoxError, Consumer, ConsumerHandle, ConsumerSettings, Error, Failures, Message};
+use kafka_batch::{Consumer, ConsumerSettings, Error};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::recorder::{Call, CommitWatcher, Exit, Outcome, Recorder};
-use super::scenario::{Event, Fate, Kind, Scenario};
+use super::recorder::{CommitWatcher, Exit, Recorder};
+use super::scenario::{Event, Kind, Scenario};
+
+pub use super::handler::process;
+
+/// The tail record's coordinates, what `process` returned for it and the variant.
+pub type Tail = ((String, i32, i64), Result<(), String>, &'static str);
+
+/// A record to produce: partition, key, value (owned).
+type Owned = (i32, Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// What the checker gets from a run.
 pub struct Run {
@@ -28,7 +35,7 @@ pub struct Run {
     /// Why the run stopped waiting, when it did not settle.
     pub unsettled: Option<String>,
     /// The tail record's coordinates and what `process` returned for it.
-    pub tail: Option<((String, i32, i64), Result<(), String>, &'static str)>,
+    pub tail: Option<Tail>,
     pub started: Instant,
 }
 
@@ -39,11 +46,11 @@ enum Cmd {
     Stop,
 }
 
-struct Ctx {
-    sc: Arc<Scenario>,
-    settings: ConsumerSettings,
-    recorder: Recorder,
-    instances: AtomicU32,
+pub struct Ctx {
+    pub sc: Arc<Scenario>,
+    pub settings: ConsumerSettings,
+    pub recorder: Recorder,
+    pub instances: AtomicU32,
 }
 
 /// The variant's name, for the contract check.
@@ -96,130 +103,6 @@ fn settings(sc: &Scenario, broker: &EmbeddedBroker) -> ConsumerSettings {
             .set("partition.assignment.strategy", "cooperative-sticky");
     }
     s
-}
-
-/// A boxed handler future, owning all it needs (so it is `Send` and `'static`).
-type HandlerFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>>;
-
-/// The handler of one instance: looks up each record's fate, writes the
-/// call down, returns (or panics) as the fates say.
-struct Handler {
-    ctx: Arc<Ctx>,
-    instance: u32,
-    handle: ConsumerHandle,
-}
-
-impl Handler {
-    fn call(&self, batch: Vec<Message<Value>>) -> HandlerFuture {
-        let (ctx, instance) = (Arc::clone(&self.ctx), self.instance);
-        let handle = self.handle.clone();
-        Box::pin(async move {
-            let stats = handle.stats();
-            let rebalances = stats.assigned + stats.revoked;
-            let sc = &ctx.sc;
-            let (call, from, to) = {
-                let mut log = ctx.recorder.lock();
-                log.next_call += 1;
-                let call = log.next_call;
-                let from = log.calls.len();
-                let mut outcomes = Vec::with_capacity(batch.len());
-                let mut panic = false;
-                for m in &batch {
-                    let id = m.id.to_string();
-                    let attempt = {
-                        let a = log.attempts.entry(id.clone()).or_insert(0);
-                        *a += 1;
-                        *a
-                    };
-                    let outcome = match sc.fate_of(&id) {
-                        Some(Fate::Ok) => Outcome::Ok,
-                        Some(Fate::FailFirst(k)) if attempt <= k => Outcome::Failed,
-                        Some(Fate::FailFirst(_)) => Outcome::Ok,
-                        Some(Fate::AlwaysFail) => Outcome::Failed,
-                        Some(Fate::PanicFirst) if attempt == 1 => {
-                            panic = true;
-                            Outcome::Panicked
-                        }
-                        Some(Fate::PanicFirst) => Outcome::Ok,
-                        None => {
-                            log.notes.push(format!(
-                                "the handler got record {id:?} ({:?}), which no good record of the scenario has",
-                                m.origin()
-                            ));
-                            Outcome::Ok
-                        }
-                    };
-                    outcomes.push((id, attempt, outcome));
-                }
-                let whole = sc.whole_batch_calls.contains(&call);
-                for (m, (id, attempt, outcome)) in batch.iter().zip(outcomes) {
-                    let origin = m.origin().expect("a consumed message has its origin");
-                    let outcome = if panic {
-                        Outcome::Panicked
-                    } else if whole {
-                        Outcome::WholeBatch
-                    } else {
-                        outcome
-                    };
-                    log.calls.push(Call {
-                        call,
-                        instance,
-                        topic: origin.topic.to_string(),
-                        partition: origin.partition,
-                        offset: origin.offset,
-                        id,
-                        attempt,
-                        outcome,
-                        rebalances,
-                        started: Instant::now(),
-                        returned: None,
-                    });
-                }
-                (call, from, log.calls.len())
-            };
-            if let Some((every, ms)) = sc.slow {
-                if call % every == 0 {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-            }
-            ctx.recorder.returned(from, to);
-            let outcomes: Vec<Outcome> = ctx.recorder.lock().calls[from..to]
-                .iter()
-                .map(|c| c.outcome)
-                .collect();
-            if outcomes.contains(&Outcome::Panicked) {
-                panic!("promise checker: the handler panics on purpose (call {call})");
-            }
-            if outcomes.contains(&Outcome::WholeBatch) {
-                return Err(format!("call {call}: the whole batch failed").into());
-            }
-            let mut failed = Failures::new();
-            for (i, (m, o)) in batch.iter().zip(&outcomes).enumerate() {
-                if *o == Outcome::Failed {
-                    // Both ways of naming a failure, by call parity.
-                    if call % 2 == 0 {
-                        failed.add(i, format!("{} failed at call {call}", m.id));
-                    } else {
-                        failed.add_id(&m.id, format!("{} failed at call {call}", m.id));
-                    }
-                }
-            }
-            failed.into_result().map_err(|f| Box::new(f) as BoxError)
-        })
-    }
-}
-
-/// `process` for one instance, with its handler.
-async fn process(ctx: Arc<Ctx>, instance: u32, consumer: Consumer) -> Result<(), Error> {
-    let h = Handler {
-        ctx,
-        instance,
-        handle: consumer.handle(),
-    };
-    consumer
-        .process(async move |batch: Vec<Message<Value>>| h.call(batch).await)
-        .await
 }
 
 /// Runs consumer instances one after another, as a supervisor would: it
@@ -306,7 +189,7 @@ fn good_value(index: usize) -> Vec<u8> {
 /// Produces records `range` of the scenario (blocking).
 fn produce(broker: &EmbeddedBroker, sc: &Scenario, range: std::ops::Range<usize>) {
     for (t, (topic, _)) in sc.topics.iter().enumerate() {
-        let mut owned: Vec<(i32, Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
+        let mut owned: Vec<Owned> = Vec::new();
         for i in range.clone() {
             let rec = sc.records[i];
             if rec.topic != t {
@@ -631,10 +514,7 @@ async fn wait_settled(
 
 /// Produces one undecodable record at the end of the first partition and
 /// runs a consumer until it stops on it.
-async fn run_tail(
-    ctx: &Arc<Ctx>,
-    broker: &Arc<EmbeddedBroker>,
-) -> ((String, i32, i64), Result<(), String>, &'static str) {
+async fn run_tail(ctx: &Arc<Ctx>, broker: &Arc<EmbeddedBroker>) -> Tail {
     let topic = ctx.sc.topics[0].0.clone();
     let (b, t) = (Arc::clone(broker), topic.clone());
     let offset = tokio::task::spawn_blocking(move || {

@@ -4,6 +4,7 @@
 //!
 //! - `scenario`: the generator (a pure function of the seed);
 //! - `drive`: runs a scenario (members, supervisor, faults, timeline);
+//! - `handler`: the handler, driven by each record's fate;
 //! - `recorder`: handler calls and the commit watcher, reusable by other faces;
 //! - `check`: the assertions;
 //! - `rng`: splitmix64.
@@ -11,6 +12,7 @@
 
 pub mod check;
 pub mod drive;
+pub mod handler;
 pub mod recorder;
 pub mod rng;
 pub mod scenario;
