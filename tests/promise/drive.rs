@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kafka_batch::replay::{DeadLetter, Replay};
 use kafka_batch::settings::FailurePolicy;
-use kafka_batch::testing::{EmbeddedBroker, RawProduce};
+use kafka_batch::testing::EmbeddedBroker;
 use kafka_batch::{Consumer, ConsumerSettings, Error};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -186,35 +186,57 @@ fn good_value(index: usize) -> Vec<u8> {
     format!(r#"{{"item":{{"i":{index}}},"hist":null}}"#).into_bytes()
 }
 
-/// Produces records `range` of the scenario (blocking).
-fn produce(broker: &EmbeddedBroker, sc: &Scenario, range: std::ops::Range<usize>) {
-    for (t, (topic, _)) in sc.topics.iter().enumerate() {
-        let mut owned: Vec<Owned> = Vec::new();
-        for i in range.clone() {
-            let rec = sc.records[i];
-            if rec.topic != t {
-                continue;
-            }
-            let key = Some(sc.id(i).into_bytes());
-            let (key, value) = match rec.kind {
-                Kind::Good(_) => (key, Some(good_value(i))),
-                Kind::NotJson => (key, Some(b"\x00not json".to_vec())),
-                Kind::NoItem => (key, Some(format!(r#"{{"i":{i}}}"#).into_bytes())),
-                Kind::NullKey => (None, Some(good_value(i))),
-                Kind::Tombstone => (key, None),
-            };
-            owned.push((rec.partition, key, value));
-        }
-        let records: Vec<RawProduce<'_>> = owned
-            .iter()
-            .map(|(p, k, v)| (*p, k.as_deref(), v.as_deref()))
-            .collect();
-        if !records.is_empty() {
-            broker
-                .produce_raw(topic, &records)
-                .expect("the test producer delivers its records");
-        }
+/// Produces records `range` of the scenario and waits for every delivery
+/// report, writing again what the broker refused (an injected Produce
+/// error is aimed at the library's writes, not at the test's input).
+async fn produce(bootstrap: String, sc: Arc<Scenario>, range: std::ops::Range<usize>) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("the test producer");
+    let mut pending: Vec<(String, Owned)> = Vec::new();
+    for i in range {
+        let rec = sc.records[i];
+        let key = Some(sc.id(i).into_bytes());
+        let (key, value) = match rec.kind {
+            Kind::Good(_) => (key, Some(good_value(i))),
+            Kind::NotJson => (key, Some(b"\x00not json".to_vec())),
+            Kind::NoItem => (key, Some(format!(r#"{{"i":{i}}}"#).into_bytes())),
+            Kind::NullKey => (None, Some(good_value(i))),
+            Kind::Tombstone => (key, None),
+        };
+        pending.push((sc.topics[rec.topic].0.clone(), (rec.partition, key, value)));
     }
+    for _ in 0..20 {
+        if pending.is_empty() {
+            return;
+        }
+        let mut waiting = Vec::with_capacity(pending.len());
+        for (topic, (partition, key, value)) in &pending {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).partition(*partition);
+            record.key = key.as_deref();
+            record.payload = value.as_deref();
+            waiting.push(producer.send_result(record).ok());
+        }
+        let mut again = Vec::new();
+        for (delivery, item) in waiting.into_iter().zip(pending) {
+            let delivered = match delivery {
+                Some(future) => matches!(future.await, Ok(Ok(_))),
+                None => false,
+            };
+            if !delivered {
+                again.push(item);
+            }
+        }
+        pending = again;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the test producer could not deliver {} record(s)",
+        pending.len()
+    );
 }
 
 /// Commits offset 0 for every source partition, as the group, before it first runs.
@@ -284,13 +306,12 @@ pub async fn run(sc: Arc<Scenario>) -> Run {
             .await
             .expect("precommit thread");
     }
-    {
-        let (b, s) = (Arc::clone(&broker), Arc::clone(&sc));
-        let first = sc.waves[0].1.clone();
-        tokio::task::spawn_blocking(move || produce(&b, &s, first))
-            .await
-            .expect("producer thread");
-    }
+    produce(
+        broker.bootstrap_servers().to_owned(),
+        Arc::clone(&sc),
+        sc.waves[0].1.clone(),
+    )
+    .await;
     let stop_watching = Arc::new(AtomicBool::new(false));
     let latest = Arc::new(Mutex::new(BTreeMap::new()));
     let watcher = CommitWatcher::new(broker.bootstrap_servers(), &sc.group(), watched.clone())
@@ -319,8 +340,8 @@ pub async fn run(sc: Arc<Scenario>) -> Run {
         let when = t0 + Duration::from_millis(at);
         tokio::time::sleep_until(when.into()).await;
         if let Some(range) = wave {
-            let (b, s) = (Arc::clone(&broker), Arc::clone(&sc));
-            background.push(tokio::task::spawn_blocking(move || produce(&b, &s, range)));
+            let (b, s) = (broker.bootstrap_servers().to_owned(), Arc::clone(&sc));
+            background.push(tokio::spawn(produce(b, s, range)));
         }
         let Some(event) = event else { continue };
         let mut log = recorder.lock();

@@ -190,7 +190,9 @@ impl Scenario {
             },
             batch_timeout_ms: r.between(20, 200),
             cooperative: r.chance(0.3),
-            precommit_start: r.chance(if has_rt { 0.5 } else { 0.2 }),
+            // Not in a storm: a storm's losses should have one cause only
+            // (the back-to-back seeks), not also the retry topic's reset.
+            precommit_start: r.chance(if has_rt { 0.5 } else { 0.2 }) && !storm,
             storm,
             records: Vec::new(),
             waves: Vec::new(),
