@@ -313,6 +313,9 @@ pub async fn run(sc: Arc<Scenario>) -> Run {
     )
     .await;
     let stop_watching = Arc::new(AtomicBool::new(false));
+    // If the run panics (a test bug), the watcher's blocking thread must
+    // still stop, or the runtime waits for it forever.
+    let _stop_on_unwind = StopOnDrop(Arc::clone(&stop_watching));
     let latest = Arc::new(Mutex::new(BTreeMap::new()));
     let watcher = CommitWatcher::new(broker.bootstrap_servers(), &sc.group(), watched.clone())
         .spawn(
@@ -435,6 +438,15 @@ pub async fn run(sc: Arc<Scenario>) -> Run {
         unsettled,
         tail,
         started,
+    }
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
