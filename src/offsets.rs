@@ -488,6 +488,22 @@ mod tests {
         assert!(!t.has_unfinished(&tp(0)));
     }
 
+    /// A tracker holding ranges of these sizes of partition 0, handed out
+    /// one after the other from offset 0; with its generation, the ranges
+    /// and their end.
+    fn handed_out_in_turn(sizes: &[i64]) -> (OffsetTracker, Generation, Vec<(i64, i64)>, i64) {
+        let mut t = OffsetTracker::default();
+        let g = t.assign(tp(0));
+        let mut ranges = Vec::new();
+        let mut offset = 0;
+        for size in sizes {
+            t.handed_out(&tp(0), offset, offset + size);
+            ranges.push((offset, offset + size));
+            offset += size;
+        }
+        (t, g, ranges, offset)
+    }
+
     proptest! {
         /// Records settled one by one, in any order, with ranges finishing in
         /// any order: the watermark is always the end of the contiguous run
@@ -497,15 +513,7 @@ mod tests {
             sizes in prop::collection::vec(1i64..8, 1..10),
             steps in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>()), 0..80),
         ) {
-            let mut t = OffsetTracker::default();
-            let g = t.assign(tp(0));
-            let mut ranges = Vec::new();
-            let mut offset = 0;
-            for size in sizes {
-                t.handed_out(&tp(0), offset, offset + size);
-                ranges.push((offset, offset + size));
-                offset += size;
-            }
+            let (mut t, g, ranges, offset) = handed_out_in_turn(&sizes);
             let mut settled = vec![false; offset as usize];
             for (whole_range, index) in steps {
                 if whole_range {
@@ -532,15 +540,7 @@ mod tests {
             order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
             failed in prop::collection::vec(any::<bool>(), 30),
         ) {
-            let mut t = OffsetTracker::default();
-            let g = t.assign(tp(0));
-            let mut ranges = Vec::new();
-            let mut offset = 0;
-            for size in sizes {
-                t.handed_out(&tp(0), offset, offset + size);
-                ranges.push((offset, offset + size));
-                offset += size;
-            }
+            let (mut t, g, ranges, offset) = handed_out_in_turn(&sizes);
             let mut finished = vec![false; ranges.len()];
             for index in order {
                 let i = index.index(ranges.len());

@@ -238,6 +238,12 @@ mod tests {
         }
     }
 
+    /// The poller takes a plan that a rewind of `tp` left.
+    fn take(plans: &mut Plans, shared: &Shared, tp: &TopicPartition, plan: Redelivery) {
+        shared.lock().redeliveries.push((tp.clone(), plan));
+        plans.take(&mut shared.lock());
+    }
+
     fn active(plans: &Plans) -> Vec<(Generation, i64, BTreeMap<i64, ChainState>)> {
         plans
             .active
@@ -252,18 +258,15 @@ mod tests {
         let tp = TopicPartition::new("t", 0);
         let mut plans = Plans::default();
         // Batch 0..100 failed 10 and 50: both wait for their first retry.
-        shared
-            .lock()
-            .redeliveries
-            .push((tp.clone(), plan(2, 1, 100, &[(10, 1), (50, 1)])));
-        plans.take(&mut shared.lock());
+        take(
+            &mut plans,
+            &shared,
+            &tp,
+            plan(2, 1, 100, &[(10, 1), (50, 1)]),
+        );
         // Read again, a batch 10..31 (cut by other partitions' records)
         // failed 10 again.
-        shared
-            .lock()
-            .redeliveries
-            .push((tp.clone(), plan(3, 2, 31, &[(10, 2)])));
-        plans.take(&mut shared.lock());
+        take(&mut plans, &shared, &tp, plan(3, 2, 31, &[(10, 2)]));
         assert_eq!(
             active(&plans),
             [(3, 100, BTreeMap::from([(10, state(2)), (50, state(1))]))],
@@ -276,18 +279,15 @@ mod tests {
         let shared = Shared::for_tests();
         let tp = TopicPartition::new("t", 0);
         let mut plans = Plans::default();
-        shared
-            .lock()
-            .redeliveries
-            .push((tp.clone(), plan(2, 1, 100, &[(10, 1), (50, 1)])));
-        plans.take(&mut shared.lock());
+        take(
+            &mut plans,
+            &shared,
+            &tp,
+            plan(2, 1, 100, &[(10, 1), (50, 1)]),
+        );
         let spent = plans.active.pop().expect("one plan");
         plans.spent.push(spent);
-        shared
-            .lock()
-            .redeliveries
-            .push((tp.clone(), plan(3, 2, 31, &[(10, 2)])));
-        plans.take(&mut shared.lock());
+        take(&mut plans, &shared, &tp, plan(3, 2, 31, &[(10, 2)]));
         assert_eq!(
             active(&plans),
             [(3, 100, BTreeMap::from([(10, state(2)), (50, state(1))]))]
@@ -300,18 +300,10 @@ mod tests {
         let shared = Shared::for_tests();
         let tp = TopicPartition::new("t", 0);
         let mut plans = Plans::default();
-        shared
-            .lock()
-            .redeliveries
-            .push((tp.clone(), plan(2, 1, 100, &[(50, 1)])));
-        plans.take(&mut shared.lock());
+        take(&mut plans, &shared, &tp, plan(2, 1, 100, &[(50, 1)]));
         // The partition was revoked and assigned again (generation 5): its
         // records are read from the commit, and the old plan means nothing.
-        shared
-            .lock()
-            .redeliveries
-            .push((tp.clone(), plan(6, 5, 31, &[(10, 1)])));
-        plans.take(&mut shared.lock());
+        take(&mut plans, &shared, &tp, plan(6, 5, 31, &[(10, 1)]));
         assert_eq!(active(&plans), [(6, 31, BTreeMap::from([(10, state(1))]))]);
     }
 }
