@@ -284,9 +284,12 @@ impl EmbeddedBroker {
     }
 
     /// Produces raw records (no envelope), for tests of bad input and
-    /// tombstones. Blocking; waits for every delivery.
+    /// tombstones. Blocking; waits for every delivery, and fails naming the
+    /// first record the broker refused, if any.
     pub fn produce_raw(&self, topic: &str, records: &[RawProduce<'_>]) -> Result<(), Error> {
-        let producer: BaseProducer = self.client_config().create()?;
+        let producer: BaseProducer<Deliveries> = self
+            .client_config()
+            .create_with_context(Deliveries::default())?;
         for (partition, key, value) in records {
             let mut record: BaseRecord<'_, [u8], [u8]> =
                 BaseRecord::to(topic).partition(*partition);
@@ -295,18 +298,21 @@ impl EmbeddedBroker {
             producer.send(record).map_err(|(e, _)| e)?;
         }
         producer.flush(Duration::from_secs(30))?;
-        Ok(())
+        producer.context().outcome()
     }
 
     /// Produces one raw record with headers given as raw (name, value)
-    /// bytes, any bytes, for tests of bad input. Blocking; waits for delivery.
+    /// bytes, any bytes, for tests of bad input. Blocking; waits for the
+    /// delivery, and fails if the broker refused it.
     pub fn produce_with_headers(
         &self,
         topic: &str,
         record: RawProduce<'_>,
         headers: &[(&[u8], Option<&[u8]>)],
     ) -> Result<(), Error> {
-        let producer: BaseProducer = self.client_config().create()?;
+        let producer: BaseProducer<Deliveries> = self
+            .client_config()
+            .create_with_context(Deliveries::default())?;
         let raw: Vec<crate::failure::record::RawHeader> = headers
             .iter()
             .map(|(k, v)| crate::failure::record::RawHeader {
@@ -322,11 +328,55 @@ impl EmbeddedBroker {
         out.payload = value;
         producer.send(out).map_err(|(e, _)| e)?;
         producer.flush(Duration::from_secs(30))?;
-        Ok(())
+        producer.context().outcome()
     }
 
     fn client_config(&self) -> ClientConfig {
         client_config(&self.bootstrap)
+    }
+}
+
+/// Delivery reports of a test producer: a record the broker refused (after
+/// librdkafka's retries) is an error of the call that produced it, never a
+/// record silently missing from the test's input.
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::Mutex<Vec<String>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            use rdkafka::Message as _;
+            self.failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(format!(
+                    "{}[{}]: {error}",
+                    message.topic(),
+                    message.partition()
+                ));
+        }
+    }
+}
+
+impl Deliveries {
+    fn outcome(&self) -> Result<(), Error> {
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match failed.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::Broker(format!(
+                "{} record(s) were not delivered, the first to {first}",
+                failed.len()
+            ))),
+        }
     }
 }
 

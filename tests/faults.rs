@@ -533,3 +533,29 @@ fn the_embedded_broker_counts_requests_from_tracking_on() {
     assert_eq!(pending(&broker), 0);
     assert!(produces(&broker) >= 3, "the refused request and its retry");
 }
+
+/// The embedded broker's raw producer (the test input of many tests) says
+/// when the broker refused a record, instead of losing it silently.
+#[test]
+fn the_embedded_broker_raw_producer_reports_a_refused_record() {
+    init_tracing();
+    let broker = EmbeddedBroker::start().expect("the embedded broker starts");
+    broker.create_topic("t", 1).expect("topic created");
+    broker.track_requests().expect("tracking");
+    errors(
+        &broker,
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let refused = broker
+        .produce_raw("t", &[(0, Some(b"k"), Some(b"v"))])
+        .expect_err("the refusal is an error");
+    assert!(refused.to_string().contains("not delivered"), "{refused}");
+    assert_eq!(
+        broker
+            .pending_request_errors(RDKafkaApiKey::Produce)
+            .expect("pending errors"),
+        0,
+        "the refusal was the injected error"
+    );
+}
