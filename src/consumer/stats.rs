@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// What a consumer has done so far (see [`ConsumerHandle::stats`]).
+/// What a consumer has done so far (see [`ConsumerHandle::stats`](super::ConsumerHandle::stats)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConsumerStats {
