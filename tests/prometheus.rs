@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,47 +31,19 @@ fn free_addr() -> SocketAddr {
     listener.local_addr().expect("its address")
 }
 
-/// `GET /metrics` over HTTP/1.1, by hand (a client dependency for one GET
-/// is not worth it): the body of a 200 response.
+/// `GET /metrics` with an HTTP client, as Prometheus would: the body of a
+/// 200 response.
 fn scrape(addr: SocketAddr) -> String {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("the endpoint accepts");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request sent");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("response read");
-    let response = String::from_utf8(response).expect("a UTF-8 response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .expect("headers, then a body");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut response = agent
+        .get(&format!("http://{addr}/metrics"))
+        .call()
+        .expect("GET /metrics answers");
+    assert_eq!(response.status(), 200);
+    response.body_mut().read_to_string().expect("a text body")
 }
 
 fn parse(text: &str) -> Vec<Sample> {
