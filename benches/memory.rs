@@ -99,14 +99,19 @@ fn raw_consume(bootstrap: &str, group: &str, topic: &str, records: usize) -> any
     for (k, v) in CONSUMER_DEFAULTS {
         config.set(*k, *v);
     }
-    let consumer: BaseConsumer = config
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.offset.store", "true")
-        .create()?;
+        .set("auto.offset.reset", "earliest");
+    common::RawCommit::AsyncPerBatch.configure(&mut config);
+    let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[topic])?;
-    common::raw_consume_loop(&consumer, records, RAW_BATCH)
+    common::raw_consume_loop(
+        &consumer,
+        records,
+        RAW_BATCH,
+        common::RawCommit::AsyncPerBatch,
+    )
 }
 
 /// Creates a topic on an outside broker (which may not create topics on first use).

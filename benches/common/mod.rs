@@ -23,21 +23,69 @@ pub struct PlainEnvelope<T> {
     hist: serde::de::IgnoredAny,
 }
 
-/// The best hand-written consume loop, on a subscribed consumer with
-/// `enable.auto.offset.store=true`: poll, decode the envelope into the same
-/// payload type with serde_json, commit every `batch` records (librdkafka
-/// stores each polled offset; the loop commits them). Returns the count.
+/// How a hand-written at-least-once consume loop commits.
+#[allow(dead_code)] // the codec bench includes this module but consumes nothing
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawCommit {
+    /// `commit_consumer_state(Sync)` after every batch: a round trip per
+    /// batch, as kafka-batch's poller did. Kept to show what that costs.
+    SyncPerBatch,
+    /// `commit_consumer_state(Async)` after every batch: never waits.
+    AsyncPerBatch,
+    /// Each batch's next offsets stored once it is handled
+    /// (`enable.auto.offset.store=false`), committed by librdkafka on its
+    /// own interval (`enable.auto.commit=true`): what a framework with a
+    /// tracked watermark does.
+    StoredWithInterval,
+}
+
+impl RawCommit {
+    /// The label in the report.
+    #[allow(dead_code)]
+    pub fn label(self) -> &'static str {
+        match self {
+            RawCommit::SyncPerBatch => "raw, sync commit",
+            RawCommit::AsyncPerBatch => "raw, async commit",
+            RawCommit::StoredWithInterval => "raw, stored+interval",
+        }
+    }
+
+    /// The consumer properties this way of committing needs.
+    #[allow(dead_code)]
+    pub fn configure(self, config: &mut rdkafka::ClientConfig) {
+        match self {
+            RawCommit::SyncPerBatch | RawCommit::AsyncPerBatch => {
+                // librdkafka stores each polled offset; the loop handles a
+                // record before it polls the next, so what it commits was handled.
+                config.set("enable.auto.offset.store", "true");
+            }
+            RawCommit::StoredWithInterval => {
+                config
+                    .set("enable.auto.offset.store", "false")
+                    .set("enable.auto.commit", "true");
+            }
+        }
+    }
+}
+
+/// A hand-written consume loop, on a subscribed consumer configured with
+/// [`RawCommit::configure`]: poll, decode the envelope into the same
+/// payload type with serde_json, and every `batch` records commit (or
+/// store) as `commit` says. Returns the count.
 #[allow(dead_code)] // the codec bench includes this module but consumes nothing
 pub fn raw_consume_loop(
     consumer: &rdkafka::consumer::BaseConsumer,
     records: usize,
     batch: usize,
+    commit: RawCommit,
 ) -> anyhow::Result<usize> {
     use rdkafka::consumer::{CommitMode, Consumer as _};
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-    use rdkafka::Message as _;
+    use rdkafka::{Message as _, Offset, TopicPartitionList};
 
     let (mut count, mut since_commit) = (0, 0);
+    // The next offset of each partition handled since the last store.
+    let mut handled: Vec<(String, i32, i64)> = Vec::new();
     while count < records {
         match consumer.poll(std::time::Duration::from_millis(100)) {
             None => {}
@@ -48,8 +96,32 @@ pub fn raw_consume_loop(
                 std::hint::black_box((m.key(), envelope.item));
                 count += 1;
                 since_commit += 1;
+                if commit == RawCommit::StoredWithInterval {
+                    let (topic, partition, next) = (m.topic(), m.partition(), m.offset() + 1);
+                    match handled
+                        .iter_mut()
+                        .find(|(t, p, _)| *p == partition && t == topic)
+                    {
+                        Some(entry) => entry.2 = next,
+                        None => handled.push((topic.to_owned(), partition, next)),
+                    }
+                }
                 if since_commit == batch {
-                    consumer.commit_consumer_state(CommitMode::Sync)?;
+                    match commit {
+                        RawCommit::SyncPerBatch => {
+                            consumer.commit_consumer_state(CommitMode::Sync)?
+                        }
+                        RawCommit::AsyncPerBatch => {
+                            consumer.commit_consumer_state(CommitMode::Async)?
+                        }
+                        RawCommit::StoredWithInterval => {
+                            let mut tpl = TopicPartitionList::with_capacity(handled.len());
+                            for (topic, partition, next) in handled.drain(..) {
+                                tpl.add_partition_offset(&topic, partition, Offset::Offset(next))?;
+                            }
+                            consumer.store_offsets(&tpl)?;
+                        }
+                    }
                     since_commit = 0;
                 }
             }
