@@ -470,9 +470,7 @@ impl ConsumerSettings {
     /// when the failure chain has `retry_topic`.
     pub fn subscription(&self) -> Vec<String> {
         let mut topics = self.topics.clone();
-        if self.failure.has(FailurePolicy::RetryTopic) {
-            topics.push(self.failure.retry_topic.topic.clone());
-        }
+        topics.extend(self.failure.retry_topic_name().map(str::to_owned));
         topics
     }
 

@@ -69,7 +69,7 @@ pub(super) fn commit_offsets(
 }
 
 /// `topic[partition]=offset,...` for a log line.
-fn describe(offsets: &[(TopicPartition, i64)]) -> String {
+pub(super) fn describe(offsets: &[(TopicPartition, i64)]) -> String {
     offsets
         .iter()
         .map(|(tp, o)| format!("{tp}={o}"))

@@ -57,11 +57,10 @@ impl Forwarder {
             producer,
             group: settings.group_id.clone(),
             service: settings.service.clone(),
-            retry_topic: if failure.has(FailurePolicy::RetryTopic) {
-                failure.retry_topic.topic.clone()
-            } else {
-                String::new()
-            },
+            retry_topic: failure
+                .retry_topic_name()
+                .map(str::to_owned)
+                .unwrap_or_default(),
             dead_letter_topic: if failure.has(FailurePolicy::DeadLetter) {
                 failure.dead_letter.topic.clone()
             } else {

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{Batch, BatchBuilder, Seen};
-use super::commit::{commit_finished, final_commit, COMMIT_RETRY};
+use super::commit::{commit_finished, describe, final_commit, COMMIT_RETRY};
 use super::gaps::{Gap, GapGuard};
 use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
@@ -66,10 +66,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         "consumer started: joining the group"
     );
     let chain = Chain::new(&settings.failure);
-    let retry_topic = settings
-        .failure
-        .has(FailurePolicy::RetryTopic)
-        .then_some(settings.failure.retry_topic.topic.as_str());
+    let retry_topic = settings.failure.retry_topic_name();
     let retry_topic_step = chain.step_of(FailurePolicy::RetryTopic).unwrap_or(0);
     let mut redelivery = Plans::default();
     // A batch in the handler longer than this is logged: the poller keeps a
@@ -221,7 +218,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                     let generation = |tp: &TopicPartition| {
                         let st = shared.lock();
                         // A partition waiting for its seek back hands out nothing.
-                        if st.seeks.iter().any(|s| s.tp == *tp) {
+                        if st.held_from(tp).is_some() {
                             None
                         } else {
                             st.tracker.generation(tp)
@@ -268,7 +265,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         st.tracker.committed_offsets()
     };
     tracing::info!(
-        last_committed = %last_commits.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","),
+        last_committed = %describe(&last_commits),
         "consumer stopping: leaving the group"
     );
     // Dropping the consumer leaves the group; its revoke callback runs here.

@@ -433,21 +433,23 @@ where
         Err(payload) => Err(HandlerFailure::Panicked(panic_message(&*payload))),
         Ok(future) => {
             let guarded = AssertUnwindSafe(future.instrument(span.clone())).catch_unwind();
+            // `Err(limit)`: the limit passed and the future was dropped.
             let finished = match timeout {
-                Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
-                None => Some(guarded.await),
+                Some(limit) => tokio::time::timeout(limit, guarded)
+                    .await
+                    .map_err(|_| limit),
+                None => Ok(guarded.await),
             };
             match finished {
-                Some(Ok(Ok(()))) => Ok(()),
-                Some(Ok(Err(e))) => Err(HandlerFailure::Error(e.into())),
-                Some(Err(payload)) => Err(HandlerFailure::Panicked(panic_message(&*payload))),
-                None => {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(HandlerFailure::Error(e.into())),
+                Ok(Err(payload)) => Err(HandlerFailure::Panicked(panic_message(&*payload))),
+                Err(limit) => {
                     shared.metrics.handler_timeouts.increment(1);
                     shared
                         .stats
                         .handler_timeouts
                         .fetch_add(1, Ordering::Relaxed);
-                    let limit = timeout.unwrap_or_default();
                     Err(HandlerFailure::Error(Box::new(HandlerTimeout { limit })))
                 }
             }

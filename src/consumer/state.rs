@@ -64,10 +64,7 @@ impl Shared {
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
             running: Mutex::new(Vec::new()),
-            retry_topic: settings
-                .failure
-                .has(crate::settings::FailurePolicy::RetryTopic)
-                .then(|| settings.failure.retry_topic.topic.clone()),
+            retry_topic: settings.failure.retry_topic_name().map(str::to_owned),
             generations: Mutex::new(HashMap::new()),
         }
     }

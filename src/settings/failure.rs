@@ -312,6 +312,13 @@ impl FailureSettings {
         self.policies.contains(&policy)
     }
 
+    /// The retry topic the consumer writes to and reads from, when the
+    /// chain has `retry_topic`.
+    pub fn retry_topic_name(&self) -> Option<&str> {
+        self.has(FailurePolicy::RetryTopic)
+            .then_some(self.retry_topic.topic.as_str())
+    }
+
     /// Checks the chain and the tables of the steps it uses against the
     /// consumer's `topics`.
     pub(super) fn check(&self, topics: &[String]) -> Result<(), SettingsError> {
