@@ -19,6 +19,7 @@ mod commit;
 mod forward;
 mod gaps;
 mod handle;
+mod lanes;
 mod policy;
 mod poller;
 mod rebalance;
@@ -28,7 +29,9 @@ mod state;
 mod stats;
 
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc};
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 
 use rdkafka::consumer::BaseConsumer;
 use serde::de::DeserializeOwned;
@@ -139,13 +142,26 @@ impl Consumer {
     /// The handler takes the batch's messages, decoded into `T`, and returns
     /// `Ok(())` or any error (`anyhow::Error`, `std::io::Error`, ...). Only
     /// after `Ok` are the batch's offsets committed.
-    pub async fn process<T, F, E>(self, mut handler: F) -> Result<(), Error>
+    ///
+    /// With `consumer.concurrency` above 1 the handler runs for several
+    /// batches at once, through a shared reference: an `async` closure that
+    /// borrows (a producer, a database pool) works as it is; state the
+    /// handler changes goes behind a `Mutex` or in atomics (or keep
+    /// `concurrency = 1`). `consumer.ordering` says which records may be in
+    /// the handler together. Batches run on this task, so a handler that
+    /// computes for long without awaiting holds the others up: spawn such
+    /// work, or use [`Consumer::process_blocking`].
+    ///
+    /// On shutdown, and after a failure that stops the consumer, the
+    /// batches already in the handler finish (and are committed when they
+    /// succeed); none is started after it.
+    pub async fn process<T, F, E>(self, handler: F) -> Result<(), Error>
     where
         T: DeserializeOwned + Send + 'static,
-        F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
+        F: AsyncFn(Vec<Message<T>>) -> Result<(), E>,
         E: Into<BoxError>,
     {
-        let (batches_tx, mut batches_rx) =
+        let (batches_tx, batches_rx) =
             tokio::sync::mpsc::channel::<Batch<T>>(self.settings.prefetch_batches);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let Consumer {
@@ -166,25 +182,23 @@ impl Consumer {
             })
             .map_err(|e| Error::Internal(format!("cannot start the poller thread: {e}")))?;
 
-        let mut failure = None;
-        match runner::Runner::new(&runner_settings, &shared, &events) {
-            Err(e) => failure = Some(e),
-            Ok(runner) => {
-                while let Some(batch) = batches_rx.recv().await {
-                    if shared.stopping.load(Ordering::Acquire) {
-                        // Shutting down: only the batch in hand finishes; this one is
-                        // left uncommitted for the next owner.
-                        let _ = events.send(ToPoller::Abandoned { batch: batch.id });
-                        continue;
-                    }
-                    if let Err(e) = runner.run(&mut handler, batch).await {
-                        failure = Some(e);
-                        break;
-                    }
-                }
+        let failure = match runner::Runner::new(&runner_settings, &shared, &events) {
+            Err(e) => {
+                drop(batches_rx);
+                Some(e)
             }
-        }
-        drop(batches_rx);
+            Ok(runner) => {
+                run_batches(
+                    &runner,
+                    &handler,
+                    batches_rx,
+                    &shared,
+                    &events,
+                    &runner_settings,
+                )
+                .await
+            }
+        };
         let poller_result = done_rx
             .await
             .unwrap_or_else(|_| Err(Error::Internal("the poller thread panicked".into())));
@@ -206,17 +220,14 @@ impl Consumer {
     pub async fn process_blocking<T, F, E>(self, handler: F) -> Result<(), Error>
     where
         T: DeserializeOwned + Send + 'static,
-        F: FnMut(Vec<Message<T>>) -> Result<(), E> + Send + 'static,
+        F: Fn(Vec<Message<T>>) -> Result<(), E> + Send + Sync + 'static,
         E: Into<BoxError> + 'static,
     {
-        let handler = Arc::new(Mutex::new(handler));
+        let handler = Arc::new(handler);
         self.process(async |batch: Vec<Message<T>>| -> Result<(), BoxError> {
             let handler = Arc::clone(&handler);
-            let ran = tokio::task::spawn_blocking(move || {
-                let mut handler = handler.lock().unwrap_or_else(PoisonError::into_inner);
-                (*handler)(batch).map_err(Into::into)
-            })
-            .await;
+            let ran =
+                tokio::task::spawn_blocking(move || (*handler)(batch).map_err(Into::into)).await;
             match ran {
                 Ok(result) => result,
                 // A panic on the blocking pool is the handler's panic: raised
@@ -229,6 +240,62 @@ impl Consumer {
         })
         .await
     }
+}
+
+/// Takes batches from the poller and runs up to `consumer.concurrency` of
+/// them at once, until the poller closes the channel. Returns the error of
+/// the first batch that stopped the consumer.
+///
+/// Once stopping (a shutdown, or that error), the batches in the handler
+/// run to their end and the ones still arriving are given back unhandled.
+/// The channel is read until the poller closes it, which it does only once
+/// every batch it handed over was reported: so no outcome is lost to the
+/// poller leaving early.
+async fn run_batches<T, F, E>(
+    runner: &runner::Runner<'_>,
+    handler: &F,
+    mut batches: tokio::sync::mpsc::Receiver<Batch<T>>,
+    shared: &Shared,
+    events: &mpsc::Sender<ToPoller>,
+    settings: &ConsumerSettings,
+) -> Option<Error>
+where
+    T: DeserializeOwned + Send + 'static,
+    F: AsyncFn(Vec<Message<T>>) -> Result<(), E>,
+    E: Into<BoxError>,
+{
+    let concurrency = settings.concurrency.max(1);
+    let mut running = FuturesUnordered::new();
+    let mut failure: Option<Error> = None;
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            // Outcomes first: a finished batch makes room for the next.
+            biased;
+            Some(result) = running.next(), if !running.is_empty() => {
+                if let Err(e) = result {
+                    if failure.is_none() {
+                        failure = Some(e);
+                    } else {
+                        tracing::error!(error = %e, "another batch failed while the consumer was stopping");
+                    }
+                }
+            }
+            batch = batches.recv(), if open && running.len() < concurrency => match batch {
+                None => open = false,
+                Some(batch) => {
+                    if failure.is_some() || shared.stopping.load(Ordering::Acquire) {
+                        // Stopping: this batch is left uncommitted for the next owner.
+                        let _ = events.send(ToPoller::Abandoned { batch: batch.id });
+                    } else {
+                        running.push(runner.run(handler, batch));
+                    }
+                }
+            },
+            else => break,
+        }
+    }
+    failure
 }
 
 /// The decoder's view of a record librdkafka returned.

@@ -40,11 +40,13 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 mod failure;
+mod lanes;
 mod metrics;
 
 pub use failure::{
     Backoff, DeadLetterSettings, FailurePolicy, FailureSettings, RetrySettings, RetryTopicSettings,
 };
+pub use lanes::HandlingOrder;
 pub use metrics::{MetricsSettings, DEFAULT_STATISTICS_INTERVAL_MS};
 
 /// The service name used when none is set.
@@ -170,6 +172,18 @@ pub struct ConsumerSettings {
     /// ready and the handler is still busy, the poller pauses its partitions
     /// (and keeps polling, so the group does not evict it).
     pub prefetch_batches: usize,
+    /// How many batches may be in the handler at once. Which records a
+    /// batch may hold while others run is `ordering`'s to say.
+    pub concurrency: usize,
+    /// Which records may be handled at the same time: `partition` (a
+    /// partition's records in offset order, partitions at once) or
+    /// `unordered` (any, for idempotent handlers). See [`HandlingOrder`].
+    pub ordering: HandlingOrder,
+    /// The most records of one partition read and not yet settled (in
+    /// batches being built, waiting, or in the handler). At the cap the
+    /// partition is paused until half of them are settled, so memory and
+    /// the replay after a crash stay bounded. At least `batch_size`.
+    pub max_in_flight_records: usize,
     /// Within a batch, keep only the last message of each id.
     pub latest_only: bool,
     /// Commit each batch's offsets after the handler returns `Ok`. With
@@ -214,6 +228,9 @@ impl Default for ConsumerSettings {
             batch_timeout_ms: 1000,
             max_batch_bytes: 16 * 1024 * 1024,
             prefetch_batches: 1,
+            concurrency: 1,
+            ordering: HandlingOrder::Partition,
+            max_in_flight_records: 5_000,
             latest_only: false,
             commit: true,
             revoke_timeout_ms: 30_000,
@@ -525,6 +542,7 @@ impl ConsumerSettings {
             ("consumer.batch_timeout_ms", self.batch_timeout_ms),
             ("consumer.max_batch_bytes", self.max_batch_bytes as u64),
             ("consumer.prefetch_batches", self.prefetch_batches as u64),
+            ("consumer.concurrency", self.concurrency as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -534,6 +552,16 @@ impl ConsumerSettings {
                     "it must be at least 1 (see config/default.toml for the default)",
                 ));
             }
+        }
+        if self.max_in_flight_records < self.batch_size {
+            return Err(SettingsError::invalid(
+                "consumer.max_in_flight_records",
+                format!(
+                    "({}) is below consumer.batch_size ({})",
+                    self.max_in_flight_records, self.batch_size
+                ),
+                "a partition paused at this cap could never fill a batch; raise it to at least batch_size (a few batches' worth lets batches of one partition be prepared while one is handled)",
+            ));
         }
         if let Some(max) = self.max_poll_interval().map(|d| d.as_millis() as u64) {
             if self.revoke_timeout_ms >= max {

@@ -143,15 +143,17 @@ pub async fn library_consume_loop(
 ) -> anyhow::Result<usize> {
     let consumer = kafka_batch::Consumer::new(settings)?;
     let handle = consumer.handle();
-    let mut count = 0;
+    // Counted in an atomic: the handler is shared by the batches in flight.
+    let count = std::sync::atomic::AtomicUsize::new(0);
     consumer
         .process(async |batch: Vec<kafka_batch::Message<Event>>| {
-            count += std::hint::black_box(batch).len();
-            if count >= records {
+            let n = std::hint::black_box(batch).len();
+            let total = count.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            if total >= records {
                 handle.shutdown();
             }
             anyhow::Ok(())
         })
         .await?;
-    Ok(count)
+    Ok(count.into_inner())
 }

@@ -91,7 +91,8 @@ pub(crate) struct BatchRange {
     pub generation: Generation,
     pub first: i64,
     pub end: i64,
-    records: usize,
+    /// Records read of it (tombstones and skipped records included).
+    pub records: usize,
     subscribed: bool,
 }
 
@@ -519,6 +520,11 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
     /// Drops buffered records of partitions whose generation changed.
     pub fn drop_stale(&mut self, tracker: &OffsetTracker) {
         self.batch.drop_stale(tracker);
+    }
+
+    /// The ranges of the batch being built.
+    pub fn ranges(&self) -> &[BatchRange] {
+        &self.batch.ranges
     }
 }
 

@@ -6,7 +6,6 @@
 //! slow handler neither gets the consumer evicted from its group nor makes
 //! it buffer without bound.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,15 +14,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message as _, TopicPartitionList};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{Batch, BatchBuilder, Seen};
+use super::batch::{Batch, Seen};
 use super::commit::{commit_finished, describe, final_commit, COMMIT_RETRY};
 use super::gaps::{Gap, GapGuard};
+use super::lanes::{cap_partitions, Lanes};
 use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
 use super::retry::{resume_due, retry_record, seek_back, Plans};
-use super::state::{InFlight, PollerState, Shared};
+use super::state::{PollerState, Shared};
 use crate::envelope::{BatchRef, PartitionRange};
 use crate::error::Error;
 use crate::offsets::TopicPartition;
@@ -72,8 +71,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     // A batch in the handler longer than this is logged: the poller keeps a
     // hung handler's consumer in its group, so nothing else would say so.
     let long_batch = settings.max_poll_interval();
-    let mut builder = BatchBuilder::<T>::new(settings).with_chain(&chain);
-    let mut ready: VecDeque<Batch<T>> = VecDeque::new();
+    let mut lanes = Lanes::<T>::new(settings, &chain);
     let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
     let mut retry_commit_at: Option<Instant> = None;
     let mut failure: Option<Error> = None;
@@ -99,7 +97,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         // `RECORDS_PER_CLOCK_READ` records), or at once when a batch is
         // ready or the consumer is failing. Taking an outcome a few dozen
         // records later is the same as its arriving later, which it may.
-        if unclocked == 0 || !ready.is_empty() || failure.is_some() {
+        if unclocked == 0 || !lanes.ready_is_empty() || failure.is_some() {
             let mut st = shared.lock();
             st.drain(&consumer, &shared);
             take_expectations(&mut gaps, &mut st);
@@ -108,8 +106,10 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                     .err()
                     .map(|_| Instant::now() + COMMIT_RETRY);
             }
-            if st.handler_failed || batches.is_closed() {
-                // The runner has stopped: it returns the handler's error.
+            if batches.is_closed() || (st.handler_failed && st.in_flight.is_empty()) {
+                // The runner has stopped, or the handler failed and the
+                // batches still in the handler then have all been reported:
+                // the runner returns the handler's error.
                 break Ok(());
             }
             // Retries: partitions to seek back, partitions whose wait is over.
@@ -119,18 +119,19 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // A user shutdown finishes only the batch in hand; after a failure
             // (an undecodable record, a fatal error) every record read before
             // it is still handed over, so the commit stops exactly there.
-            let shutting_down = shared.stopping.load(Ordering::Acquire);
+            // After a handler failure the batches in the handler finish,
+            // and nothing more is handed over.
+            let shutting_down = shared.stopping.load(Ordering::Acquire) || st.handler_failed;
             let draining = failure.is_some();
-            if !shutting_down {
-                hand_over(&mut ready, &batches, &mut st, &shared);
-            }
+            let waiting = !shutting_down && lanes.hand_over(&batches, &mut st, &shared);
+            cap_partitions(&consumer, &mut st, &lanes, settings.max_in_flight_records);
             if let Some(limit) = long_batch {
                 warn_long_batches(&mut st, &shared, now, limit);
             }
-            if st.in_flight.is_empty() && (shutting_down || (draining && ready.is_empty())) {
+            if st.in_flight.is_empty() && (shutting_down || (draining && lanes.ready_is_empty())) {
                 break failure.take().map_or(Ok(()), Err);
             }
-            let full = !shutting_down && !draining && !ready.is_empty();
+            let full = !shutting_down && !draining && waiting;
             full_since = if full { full_since.or(Some(now)) } else { None };
             let waited = full_since.map_or(Duration::ZERO, |since| now.duration_since(since));
             let want_pause = shutting_down || draining || waited >= PAUSE_AFTER;
@@ -151,11 +152,13 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
 
         let wait = if streaming {
             Duration::ZERO
-        } else if shared.stopping.load(Ordering::Acquire) || failure.is_some() || !ready.is_empty()
+        } else if shared.stopping.load(Ordering::Acquire)
+            || failure.is_some()
+            || !lanes.ready_is_empty()
         {
             MAX_POLL_WAIT
         } else {
-            builder.remaining(now).min(MAX_POLL_WAIT)
+            lanes.remaining(now).min(MAX_POLL_WAIT)
         };
         let polled = consumer.poll(wait);
         streaming = polled.is_some();
@@ -171,9 +174,8 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             let mut st = shared.lock();
             take_expectations(&mut gaps, &mut st);
             gaps.retain(|tp, generation| st.tracker.generation(tp) == Some(generation));
-            builder.drop_stale(&st.tracker);
+            lanes.drop_stale(&st.tracker);
             redelivery.retain(|tp| st.tracker.generation(tp));
-            ready.retain_mut(|b| b.drop_stale(&st.tracker));
         }
 
         match polled {
@@ -212,9 +214,6 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                         end: gap.end,
                     });
                 } else if let Some(seen) = seen {
-                    if let Some(full) = builder.make_room(&record, now) {
-                        ready.push_back(full);
-                    }
                     let generation = |tp: &TopicPartition| {
                         let st = shared.lock();
                         // A partition waiting for its seek back hands out nothing.
@@ -224,7 +223,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                             st.tracker.generation(tp)
                         }
                     };
-                    if let Err(e) = builder.push(record, seen, Some(&m), generation, &shared) {
+                    if let Err(e) = lanes.add(record, seen, Some(&m), generation, &shared, now) {
                         tracing::error!(error = %e, "undecodable record: the consumer stops after handling what came before it (failure policy `fail`)");
                         failure = Some(Error::Decode(e));
                     }
@@ -243,13 +242,9 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
 
         if failure.is_some() {
             // Hand over what was read before the failure.
-            if builder.has_records() {
-                ready.push_back(builder.cut(now));
-            }
-        } else if builder.should_cut(now) {
-            ready.push_back(builder.cut(now));
+            lanes.cut_all(now);
         } else {
-            builder.restart_idle_window(now);
+            lanes.cut_due(now);
         }
     };
 
@@ -307,53 +302,6 @@ fn report_gap(shared: &Shared, topic: &str, partition: i32, gap: &Gap) {
     );
 }
 
-/// Sends ready batches to the runner while the channel has room.
-fn hand_over<T>(
-    ready: &mut VecDeque<Batch<T>>,
-    batches: &tokio::sync::mpsc::Sender<Batch<T>>,
-    st: &mut PollerState,
-    shared: &Shared,
-) {
-    while let Some(mut batch) = ready.pop_front() {
-        if !batch.drop_stale(&st.tracker) {
-            continue;
-        }
-        if !batch.has_work() {
-            // Only tombstones or skipped records: nothing for the handler,
-            // but their offsets are dealt with and may be committed.
-            for r in &batch.ranges {
-                st.tracker.handed_out(&r.tp, r.first, r.end);
-                st.tracker.finished(&r.tp, r.generation, r.first);
-            }
-            continue;
-        }
-        let permit = match batches.try_reserve() {
-            Ok(permit) => permit,
-            Err(TrySendError::Full(())) | Err(TrySendError::Closed(())) => {
-                ready.push_front(batch);
-                return;
-            }
-        };
-        let ranges = batch
-            .ranges
-            .iter()
-            .filter_map(|r| {
-                st.tracker
-                    .handed_out(&r.tp, r.first, r.end)
-                    .map(|generation| (r.tp.clone(), generation, r.first, r.end))
-            })
-            .collect();
-        st.in_flight.push(InFlight {
-            id: batch.id,
-            ranges,
-            warned: false,
-            records: batch.messages.len() + batch.rejected.len(),
-        });
-        st.publish_in_flight(shared);
-        permit.send(batch);
-    }
-}
-
 /// Warns, once per batch, of every batch in the handler for longer than `limit`.
 fn warn_long_batches(st: &mut PollerState, shared: &Shared, now: Instant, limit: Duration) {
     let long: Vec<(u64, Duration)> = shared
@@ -408,13 +356,11 @@ fn set_paused(
     };
     // Partitions waiting for a retry stay paused, and are not paused again:
     // pausing resets librdkafka's fetch position, which would undo the seek.
+    // Partitions at their in-flight cap stay paused until below it.
     let mut partitions = TopicPartitionList::with_capacity(assignment.count());
     for e in assignment.elements() {
-        if !st
-            .backoff
-            .keys()
-            .any(|tp| tp.partition == e.partition() && &*tp.topic == e.topic())
-        {
+        let is = |tp: &TopicPartition| tp.partition == e.partition() && &*tp.topic == e.topic();
+        if !st.backoff.keys().any(is) && !st.capped.iter().any(is) {
             partitions.add_partition(e.topic(), e.partition());
         }
     }

@@ -292,6 +292,7 @@ impl PollerContext {
         // A revoked partition's pause and pending retry go with it; the next
         // owner reads its records again from the last commit.
         st.backoff.retain(|tp, _| !tps.contains(tp));
+        st.capped.retain(|tp| !tps.contains(tp));
         st.seeks.retain(|s| !tps.contains(&s.tp));
         shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
         shared.metrics.revokes.increment(1);

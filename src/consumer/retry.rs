@@ -186,7 +186,8 @@ pub(super) fn seek_back(consumer: &BaseConsumer<PollerContext>, st: &mut PollerS
 }
 
 /// Resumes the partitions whose retry is due (unless all are paused for
-/// back-pressure: then they resume with the others).
+/// back-pressure: then they resume with the others; or the partition is at
+/// its in-flight cap: then it resumes below it).
 pub(super) fn resume_due(consumer: &BaseConsumer<PollerContext>, st: &mut PollerState) {
     if st.backoff.is_empty() {
         return;
@@ -199,7 +200,8 @@ pub(super) fn resume_due(consumer: &BaseConsumer<PollerContext>, st: &mut Poller
         .map(|(tp, _)| tp.clone())
         .collect();
     for tp in due {
-        if !st.paused {
+        // A partition also at its in-flight cap stays paused for that.
+        if !st.paused && !st.capped.contains(&tp) {
             let mut tpl = TopicPartitionList::with_capacity(1);
             tpl.add_partition(&tp.topic, tp.partition);
             if let Err(e) = consumer.resume(&tpl) {

@@ -69,9 +69,9 @@ impl<'s> Runner<'s> {
 
     /// Runs one batch to its outcome. `Err` stops the consumer: nothing from
     /// the first failed record of each partition on is committed.
-    pub async fn run<T, F, E>(&self, handler: &mut F, mut batch: Batch<T>) -> Result<(), Error>
+    pub async fn run<T, F, E>(&self, handler: &F, mut batch: Batch<T>) -> Result<(), Error>
     where
-        F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
+        F: AsyncFn(Vec<Message<T>>) -> Result<(), E>,
         E: Into<BoxError>,
     {
         let id = batch.id;
@@ -416,14 +416,14 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// caught (in the call and in its future), and with a `timeout` the future
 /// is dropped when it passes.
 async fn run_handler<T, F, E>(
-    handler: &mut F,
+    handler: &F,
     messages: Vec<Message<T>>,
     batch_ref: &str,
     shared: &Shared,
     timeout: Option<Duration>,
 ) -> Result<(), HandlerFailure>
 where
-    F: AsyncFnMut(Vec<Message<T>>) -> Result<(), E>,
+    F: AsyncFn(Vec<Message<T>>) -> Result<(), E>,
     E: Into<BoxError>,
 {
     let count = messages.len();

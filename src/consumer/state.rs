@@ -2,7 +2,7 @@
 //! runner and the handles: the offset tracker, the batches in flight, the
 //! retries waiting, and the outcomes and commands sent to the poller.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -54,6 +54,7 @@ impl Shared {
                 handler_failed: false,
                 seeks: Vec::new(),
                 backoff: HashMap::new(),
+                capped: HashSet::new(),
                 redeliveries: Vec::new(),
                 expectations: Vec::new(),
             }),
@@ -133,6 +134,8 @@ pub(super) struct PollerState {
     pub(super) seeks: Vec<PendingSeek>,
     /// Partitions paused until a retry is due.
     pub(super) backoff: HashMap<TopicPartition, Instant>,
+    /// Partitions paused at `max_in_flight_records`, until half are settled.
+    pub(super) capped: HashSet<TopicPartition>,
     /// Partitions to be read again after a rewind, for the poller to take.
     pub(super) redeliveries: Vec<(TopicPartition, Redelivery)>,
     /// Where partitions continue after an assignment or a seek, for the
