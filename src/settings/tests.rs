@@ -169,6 +169,7 @@ fn zero_sizes_are_refused() {
         "batch_timeout_ms",
         "max_batch_bytes",
         "prefetch_batches",
+        "concurrency",
     ] {
         Jail::expect_with(|jail| {
             let text = message(load_in(jail, &format!("[consumer]\n{setting} = 0\n")));
@@ -450,6 +451,50 @@ fn a_prometheus_address_loads_from_toml_and_must_parse() {
             text.contains("metrics.prometheus_listen") && text.contains("port"),
             "{text}"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn lanes_are_read_from_the_file_and_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_CONSUMER__ORDERING", "unordered");
+        let s = load_in(
+            jail,
+            "[consumer]\nconcurrency = 8\nordering = \"partition\"\nmax_in_flight_records = 2000\n",
+        )
+        .expect("valid settings");
+        assert_eq!(s.consumer.concurrency, 8);
+        assert_eq!(
+            s.consumer.ordering,
+            crate::settings::HandlingOrder::Unordered
+        );
+        assert_eq!(s.consumer.max_in_flight_records, 2000);
+        Ok(())
+    });
+}
+
+#[test]
+fn an_unknown_ordering_names_the_choices() {
+    Jail::expect_with(|jail| {
+        let text = message(load_in(jail, "[consumer]\nordering = \"by_key\"\n"));
+        assert!(
+            text.contains("partition") && text.contains("unordered"),
+            "{text}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn an_in_flight_cap_below_the_batch_size_is_refused() {
+    Jail::expect_with(|jail| {
+        let text = message(load_in(
+            jail,
+            "[consumer]\nbatch_size = 1000\nmax_in_flight_records = 999\n",
+        ));
+        assert!(text.contains("consumer.max_in_flight_records"), "{text}");
+        assert!(text.contains("batch_size"), "{text}");
         Ok(())
     });
 }

@@ -95,14 +95,13 @@ pub async fn collect_batches(
 ) -> Vec<Vec<Message<Value>>> {
     let consumer = Consumer::new(settings).expect("consumer");
     let handle = consumer.handle();
-    let mut batches: Vec<Vec<Message<Value>>> = Vec::new();
-    let mut seen = 0;
+    let batches: std::sync::Mutex<Vec<Vec<Message<Value>>>> = Default::default();
     within(
         Duration::from_secs(60),
         consumer.process(async |batch: Vec<Message>| {
-            seen += batch.len();
+            let mut batches = batches.lock().unwrap();
             batches.push(batch);
-            if seen >= count {
+            if batches.iter().map(Vec::len).sum::<usize>() >= count {
                 handle.shutdown();
             }
             Ok::<_, Error>(())
@@ -110,7 +109,7 @@ pub async fn collect_batches(
     )
     .await
     .expect("process returns Ok after shutdown");
-    batches
+    batches.into_inner().unwrap()
 }
 
 /// The size of each batch.

@@ -78,6 +78,11 @@ fn settings(sc: &Scenario, broker: &EmbeddedBroker) -> ConsumerSettings {
     s.service = "promise".into();
     s.batch_size = sc.batch_size;
     s.batch_timeout_ms = sc.batch_timeout_ms;
+    s.concurrency = sc.concurrency;
+    s.ordering = sc.ordering;
+    if let Some(cap) = sc.max_in_flight {
+        s.max_in_flight_records = cap;
+    }
     s.failure.policies = sc.chain.clone();
     let (r, rt) = (sc.retry, sc.retry_topic);
     s.failure.retry.retries = r.retries;

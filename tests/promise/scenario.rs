@@ -10,6 +10,7 @@ use std::fmt;
 use std::ops::Range;
 
 use kafka_batch::settings::FailurePolicy::{self, *};
+use kafka_batch::settings::HandlingOrder;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use super::rng::Rng;
@@ -99,6 +100,11 @@ pub struct Scenario {
     /// For chains ending in fail: one undecodable record produced once all
     /// else is settled; `process` must return a Decode error naming it.
     pub tail_garbage: bool,
+    /// `consumer.concurrency`, `consumer.ordering` and, when drawn,
+    /// `consumer.max_in_flight_records` (else the default).
+    pub concurrency: usize,
+    pub ordering: HandlingOrder,
+    pub max_in_flight: Option<usize>,
 }
 
 const ERRORS: &[RDKafkaRespErr] = &[
@@ -200,6 +206,9 @@ impl Scenario {
             whole_batch_calls: Vec::new(),
             slow: None,
             tail_garbage: !absorbs && r.chance(0.4),
+            concurrency: 1,
+            ordering: HandlingOrder::Partition,
+            max_in_flight: None,
         };
 
         // Records and their fates.
@@ -327,6 +336,17 @@ impl Scenario {
         if r.chance(0.3) {
             sc.slow = Some((r.between(3, 10), r.between(20, 80)));
         }
+
+        // Lanes: drawn from a stream of their own, so that the draws above
+        // (and the scenarios of seeds found before lanes) stay the same.
+        let mut r = Rng::derived(seed, 6);
+        sc.concurrency = r.pick(&[1, 1, 2, 4, 8, 16]);
+        if sc.concurrency > 1 && r.chance(0.25) {
+            sc.ordering = HandlingOrder::Unordered;
+        }
+        if r.chance(0.4) {
+            sc.max_in_flight = Some(sc.batch_size * r.between(1, 3) as usize);
+        }
         sc
     }
 
@@ -437,6 +457,14 @@ impl fmt::Display for Scenario {
             .iter()
             .map(|(at, r)| format!("{}..{} at {at}ms", r.start, r.end))
             .collect();
+        writeln!(
+            f,
+            "  concurrency {}, ordering {:?}, max_in_flight_records {}",
+            self.concurrency,
+            self.ordering,
+            self.max_in_flight
+                .map_or("default".to_string(), |n| n.to_string())
+        )?;
         writeln!(
             f,
             "  {} records in waves {}",
