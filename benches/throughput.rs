@@ -1,15 +1,17 @@
 //! Consume and produce throughput: kafka-batch against hand-written rdkafka
-//! code doing the same job, in one run, on the same broker and records.
+//! code doing the same job, and against the best Rust peer, in one run, on
+//! the same broker and records.
 //!
 //! ```sh
 //! cargo bench --bench throughput                      # embedded broker in a child process
 //! BENCH_RECORDS=200000 cargo bench --bench throughput
 //! BENCH_BOOTSTRAP=127.0.0.1:9092 cargo bench --bench throughput   # any broker (topics auto-created)
 //! BENCH_JOBS=consume-library cargo bench --bench throughput       # one side only (for a profiler)
+//! BENCH_PARTITIONS=16 BENCH_JOBS=consume-raw,consume-library,consume-peer cargo bench --bench throughput
 //! ```
 //!
 //! `BENCH_JOBS` is a comma-separated list of `consume-raw`, `consume-library`,
-//! `produce` (default: all three).
+//! `consume-peer`, `produce` (default: all four).
 //!
 //! The raw consume side is three hand-written at-least-once loops
 //! (`common::RawCommit`): committing synchronously per batch, asynchronously
@@ -17,11 +19,19 @@
 //! interval commit. kafka-batch is compared with the faster of the two that
 //! never wait for a commit: the best hand-written code, not a slow one.
 //!
+//! The peer (`consume-peer`, `common/peer.rs`) is ruststream-rdkafka 0.7, the
+//! Kafka broker of the RustStream framework, on the same rdkafka 0.39: a
+//! handler over batches of the same size `BATCH` that decodes the same
+//! envelope into the same `Event` and counts like the library's, with
+//! `Commit::Tracked` (each handled message's offset stored, committed on
+//! librdkafka's interval and at close), as its guides set up a batch
+//! consumer. It is reported with the ratio kafka-batch / peer.
+//!
 //! Reported per job: messages a second (wall) and CPU microseconds per
 //! message of this process (user + system, all threads, from
 //! `CLOCK_PROCESS_CPUTIME_ID`), so the
 //! broker's work is not counted. Each job runs `BENCH_ROUNDS` times (default
-//! 3), alternating raw and library; for each side the fastest wall time and
+//! 3), raw, library and peer in turn; for each side the fastest wall time and
 //! the least CPU per message over its rounds are reported.
 
 use std::io::{BufRead, BufReader, Read};
@@ -42,6 +52,9 @@ use serde::Serialize;
 
 mod common;
 use common::{Event, RawCommit};
+// Only this bench builds the peer (the codec and memory benches include `common` too).
+#[path = "common/peer.rs"]
+mod peer;
 
 const INPUT: &str = "bench-input";
 const BATCH: usize = 500;
@@ -402,16 +415,17 @@ fn main() -> anyhow::Result<()> {
         library_produce(&bootstrap, INPUT, &messages, 10_000, 2).await?;
 
         let jobs = std::env::var("BENCH_JOBS")
-            .unwrap_or_else(|_| "consume-raw,consume-library,produce".into());
-        let (want_raw, want_library) = (
+            .unwrap_or_else(|_| "consume-raw,consume-library,consume-peer,produce".into());
+        let (want_raw, want_library, want_peer) = (
             jobs.contains("consume-raw"),
             jobs.contains("consume-library"),
+            jobs.contains("consume-peer"),
         );
-        // Each round runs every hand-written loop, then the library. The
-        // honest baseline ("raw") is the faster of the two that never wait
-        // for a commit; the one that commits synchronously per batch is
-        // shown for what it costs.
-        let mut rounds: Vec<(Vec<Measure>, Option<Measure>)> = Vec::new();
+        // Each round runs every hand-written loop, then the library, then the
+        // peer. The honest baseline ("raw") is the faster of the two that
+        // never wait for a commit; the one that commits synchronously per
+        // batch is shown for what it costs.
+        let mut rounds: Vec<(Vec<Measure>, Option<Measure>, Option<Measure>)> = Vec::new();
         for round in 0..(*ROUNDS).max(1) {
             let mut raws = Vec::new();
             if want_raw {
@@ -441,7 +455,13 @@ fn main() -> anyhow::Result<()> {
             } else {
                 None
             };
-            rounds.push((raws, library));
+            let peer = if want_peer {
+                let group = format!("peer-{round}");
+                Some(measure(peer::peer_consume(&bootstrap, INPUT, &group, records, BATCH)).await?)
+            } else {
+                None
+            };
+            rounds.push((raws, library, peer));
         }
         let raws: Vec<(RawCommit, Option<Measure>)> = RAW_COMMITS
             .into_iter()
@@ -483,6 +503,22 @@ fn main() -> anyhow::Result<()> {
                 library.cpu_us()
             ),
             _ => {}
+        }
+        if let Some(peer) = best(rounds.iter().filter_map(|r| r.2)) {
+            print!(
+                "consume  {:<22} {:>9.0} msg/s  {:>6.2} µs CPU/msg",
+                "ruststream-rdkafka",
+                peer.rate(),
+                peer.cpu_us()
+            );
+            match library {
+                Some(library) => println!(
+                    "   kafka-batch / peer: throughput ratio {:.2}, CPU ratio {:.2}",
+                    library.rate() / peer.rate(),
+                    library.cpu_us() / peer.cpu_us()
+                ),
+                None => println!(),
+            }
         }
         if !jobs.contains("produce") {
             return Ok(());
