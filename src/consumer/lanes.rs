@@ -19,6 +19,7 @@
 //! would let the commit jump over the earlier one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -291,6 +292,7 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
     consumer: &BaseConsumer<PollerContext>,
     st: &mut PollerState,
     lanes: &Lanes<'_, T>,
+    shared: &Shared,
     cap: usize,
 ) {
     let mut counts: HashMap<TopicPartition, usize> = HashMap::new();
@@ -314,6 +316,8 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
         }
         tracing::debug!(partition = %tp, records = n, cap, "partition paused: max_in_flight_records reached");
         st.capped.insert(tp.clone());
+        shared.stats.capped.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.partitions_capped.increment(1);
     }
     let below: Vec<TopicPartition> = st
         .capped

@@ -124,7 +124,13 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             let shutting_down = shared.stopping.load(Ordering::Acquire) || st.handler_failed;
             let draining = failure.is_some();
             let waiting = !shutting_down && lanes.hand_over(&batches, &mut st, &shared);
-            cap_partitions(&consumer, &mut st, &lanes, settings.max_in_flight_records);
+            cap_partitions(
+                &consumer,
+                &mut st,
+                &lanes,
+                &shared,
+                settings.max_in_flight_records,
+            );
             if let Some(limit) = long_batch {
                 warn_long_batches(&mut st, &shared, now, limit);
             }

@@ -45,6 +45,9 @@ pub struct ConsumerStats {
     /// Batches that were in the handler longer than `max.poll.interval.ms`
     /// (each logged once as a warning with its batch ref).
     pub long_batches: u64,
+    /// Times a partition was paused because it reached
+    /// `consumer.max_in_flight_records` records read and not yet dealt with.
+    pub capped: u64,
 }
 
 #[derive(Default)]
@@ -66,6 +69,7 @@ pub(super) struct StatsCounters {
     pub(super) handler_panics: AtomicU64,
     pub(super) handler_timeouts: AtomicU64,
     pub(super) long_batches: AtomicU64,
+    pub(super) capped: AtomicU64,
 }
 
 impl StatsCounters {
@@ -89,6 +93,7 @@ impl StatsCounters {
             handler_panics: get(&self.handler_panics),
             handler_timeouts: get(&self.handler_timeouts),
             long_batches: get(&self.long_batches),
+            capped: get(&self.capped),
         }
     }
 }
