@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kafka_batch::testing::EmbeddedBroker;
@@ -95,13 +97,13 @@ pub async fn collect_batches(
 ) -> Vec<Vec<Message<Value>>> {
     let consumer = Consumer::new(settings).expect("consumer");
     let handle = consumer.handle();
-    let mut batches: Vec<Vec<Message<Value>>> = Vec::new();
-    let mut seen = 0;
+    let batches: Mutex<Vec<Vec<Message<Value>>>> = Mutex::new(Vec::new());
+    let seen = AtomicUsize::new(0);
     within(
         Duration::from_secs(60),
         consumer.process(async |batch: Vec<Message>| {
-            seen += batch.len();
-            batches.push(batch);
+            let seen = seen.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
+            batches.lock().unwrap().push(batch);
             if seen >= count {
                 handle.shutdown();
             }
@@ -110,6 +112,7 @@ pub async fn collect_batches(
     )
     .await
     .expect("process returns Ok after shutdown");
+    let batches = std::mem::take(&mut *batches.lock().unwrap());
     batches
 }
 
