@@ -25,6 +25,8 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,26 +57,29 @@ async fn main() -> anyhow::Result<()> {
     let sleep = Duration::from_millis(env_number("MEMBER_SLEEP_MS")?.unwrap_or(0));
     let slow_batches = env_number("MEMBER_SLOW_BATCHES")?.unwrap_or(u64::MAX);
 
-    let mut log = std::fs::OpenOptions::new()
+    let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open MEMBER_LOG {log_path}"))?;
+    // The handler runs through a shared reference (several batches at once
+    // with `consumer.concurrency` above 1): what it changes is behind a
+    // Mutex or in an atomic.
+    let log = Mutex::new(log);
     let settings = Settings::load()?;
     let consumer = Consumer::new(&settings.consumer)?;
     let handle = consumer.handle();
     handle.shutdown_on_signals();
 
-    let mut batches = 0u64;
-    let mut lines = String::new();
+    let batches = AtomicU64::new(0);
     let result = consumer
         .process(async |batch: Vec<Message<Value>>| {
-            batches += 1;
+            let batches = batches.fetch_add(1, Ordering::Relaxed) + 1;
             if batches == 1 {
                 say("assigned");
             }
             say(&format!("batch-start {batches}"));
-            lines.clear();
+            let mut lines = String::new();
             for m in &batch {
                 let origin = m
                     .origin()
@@ -83,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
             }
             // One write per batch, done before Ok: what the file holds was
             // handled, and nothing can be committed that is not in it.
-            log.write_all(lines.as_bytes())
+            // (The lock is only held for the write, never across an await.
+            // A panic while it was held leaves the file usable: go on.)
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_all(lines.as_bytes())
                 .context("cannot append to MEMBER_LOG")?;
             // Then the work takes its time (a downstream write, say): a kill
             // now leaves records handled but not committed.

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,11 +59,11 @@ async fn an_err_batch_is_not_committed_and_the_group_reads_it_again() {
     produce_numbered(&broker, "fragile", 0..10).await;
 
     let consumer = Consumer::new(&consumer_settings(&broker, "g", "fragile", 5, 1000)).unwrap();
-    let mut calls = 0;
+    let calls = AtomicUsize::new(0);
     let result = within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            calls += 1;
+            let calls = calls.fetch_add(1, Ordering::SeqCst) + 1;
             if calls == 2 {
                 anyhow::bail!("downstream refused {} messages", batch.len());
             }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ async fn hop(
     settings.service = service.into();
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut done = 0;
+    let done = AtomicUsize::new(0);
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
@@ -36,7 +37,7 @@ async fn hop(
                 .map(|m| m.derive(json!({ "n": n_of(m), "via": service })))
                 .collect();
             producer.produce_batch(to, &out).await?;
-            done += batch.len();
+            let done = done.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
             if done == expected {
                 handle.shutdown();
             }
@@ -124,20 +125,19 @@ async fn a_handler_slower_than_max_poll_interval_keeps_its_partitions() {
     let handle = consumer.handle();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
-    let mut first = true;
-    let mut revoked_while_running = 0;
+    let first = AtomicBool::new(true);
+    let revoked_while_running = AtomicU64::new(0);
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            if first {
-                first = false;
+            if first.swap(false, Ordering::SeqCst) {
                 // Work for twice max.poll.interval.ms.
                 tokio::time::sleep(Duration::from_millis(6000)).await;
             }
             let mut seen = record.lock().unwrap();
             seen.extend(batch.iter().map(n_of));
             if seen.len() >= 30 {
-                revoked_while_running = handle.stats().revoked;
+                revoked_while_running.store(handle.stats().revoked, Ordering::SeqCst);
                 handle.shutdown();
             }
             Ok::<_, Error>(())
@@ -151,7 +151,11 @@ async fn a_handler_slower_than_max_poll_interval_keeps_its_partitions() {
         (0..30).collect::<Vec<_>>(),
         "each record once, in order: no eviction, no re-read"
     );
-    assert_eq!(revoked_while_running, 0, "the consumer was never evicted");
+    assert_eq!(
+        revoked_while_running.into_inner(),
+        0,
+        "the consumer was never evicted"
+    );
     assert_eq!(
         handle.stats().long_batches,
         1,
@@ -170,21 +174,22 @@ async fn shutdown_mid_run_commits_the_batch_in_hand_and_the_next_consumer_starts
     produce_numbered(&broker, "orderly", 0..100).await;
     let consumer = Consumer::new(&consumer_settings(&broker, "g", "orderly", 10, 500)).unwrap();
     let handle = consumer.handle();
-    let mut batches = Vec::new();
+    let batches = Mutex::new(Vec::new());
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
             handle.shutdown();
             // The batch in hand still runs to the end after shutdown was asked for.
             tokio::task::yield_now().await;
-            batches.push(batch.iter().map(n_of).collect::<Vec<_>>());
+            let numbers = batch.iter().map(n_of).collect::<Vec<_>>();
+            batches.lock().unwrap().push(numbers);
             Ok::<_, Error>(())
         }),
     )
     .await
     .expect("shutdown makes process return Ok");
     assert_eq!(
-        batches,
+        *batches.lock().unwrap(),
         vec![(0..10).collect::<Vec<_>>()],
         "only the batch in hand ran"
     );
@@ -192,11 +197,11 @@ async fn shutdown_mid_run_commits_the_batch_in_hand_and_the_next_consumer_starts
 
     let consumer = Consumer::new(&consumer_settings(&broker, "g", "orderly", 10, 500)).unwrap();
     let handle = consumer.handle();
-    let mut first_offset = None;
+    let first_offset = Mutex::new(None);
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            first_offset = batch[0].origin().map(|o| o.offset);
+            *first_offset.lock().unwrap() = batch[0].origin().map(|o| o.offset);
             handle.shutdown();
             Ok::<_, Error>(())
         }),
@@ -204,7 +209,7 @@ async fn shutdown_mid_run_commits_the_batch_in_hand_and_the_next_consumer_starts
     .await
     .unwrap();
     assert_eq!(
-        first_offset,
+        *first_offset.lock().unwrap(),
         Some(10),
         "the next consumer starts exactly after the committed batch"
     );

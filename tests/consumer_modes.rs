@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ async fn a_blocking_handler_runs_off_the_runtime() {
             let _ = reply.send(());
         }
     });
-    let mut handled = 0;
+    let handled = AtomicUsize::new(0);
     within(
         LIMIT,
         consumer.process_blocking(move |batch: Vec<Message>| {
@@ -36,7 +37,7 @@ async fn a_blocking_handler_runs_off_the_runtime() {
             reply_rx
                 .recv_timeout(Duration::from_secs(20))
                 .map_err(|_| "the runtime was blocked: no answer")?;
-            handled += batch.len();
+            let handled = handled.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
             if handled == 3 {
                 handle.shutdown();
             }
@@ -56,11 +57,11 @@ async fn with_commit_off_only_what_the_handler_commits_is_committed() {
     settings.commit = false;
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut calls = 0;
+    let calls = AtomicUsize::new(0);
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            calls += 1;
+            let calls = calls.fetch_add(1, Ordering::SeqCst) + 1;
             if calls == 1 {
                 handle.commit_messages(&batch).await?;
             } else {

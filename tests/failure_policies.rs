@@ -9,6 +9,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
@@ -96,11 +98,13 @@ async fn a_poison_message_is_retried_in_place_then_dead_lettered_alone() {
     settings.failure.retry.retries = 2;
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut deliveries: Vec<Vec<String>> = Vec::new();
-    let mut handled = BTreeSet::new();
+    let deliveries: Mutex<Vec<Vec<String>>> = Mutex::new(Vec::new());
+    let handled = Mutex::new(BTreeSet::new());
     let run = consumer.process(async |batch: Vec<Message>| {
-        deliveries.push(batch.iter().map(|m| m.id.to_string()).collect());
+        let ids = batch.iter().map(|m| m.id.to_string()).collect();
+        deliveries.lock().unwrap().push(ids);
         let result = fail_ids(&batch, &["m4"]);
+        let mut handled = handled.lock().unwrap();
         for (m, at) in batch.iter().zip(offsets_of(&batch)) {
             if m.id != "m4" {
                 handled.insert(at);
@@ -117,6 +121,8 @@ async fn a_poison_message_is_retried_in_place_then_dead_lettered_alone() {
     };
     let (result, ()) = within(LIMIT, async { tokio::join!(run, stopper) }).await;
     result.expect("process returns Ok after shutdown");
+    let deliveries = deliveries.lock().unwrap().clone();
+    let mut handled = handled.lock().unwrap().clone();
 
     let ids: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     assert_eq!(
@@ -158,11 +164,14 @@ async fn a_chain_ending_in_retry_stops_and_commits_up_to_the_failed_message() {
     let mut settings = policies(&broker, "g", "orders", &[Retry]);
     settings.failure.retry.retries = 1;
     let consumer = Consumer::new(&settings).unwrap();
-    let mut m4_deliveries = 0;
+    let m4_deliveries = AtomicUsize::new(0);
     let result = within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            m4_deliveries += batch.iter().filter(|m| m.id == "m4").count();
+            m4_deliveries.fetch_add(
+                batch.iter().filter(|m| m.id == "m4").count(),
+                Ordering::SeqCst,
+            );
             fail_ids(&batch, &["m4"])
         }),
     )
@@ -171,7 +180,11 @@ async fn a_chain_ending_in_retry_stops_and_commits_up_to_the_failed_message() {
         panic!("the chain ends with fail: process returns the handler's error, got {result:?}");
     };
     assert!(source.to_string().contains("m4 is poison"), "{source}");
-    assert_eq!(m4_deliveries, 2, "delivered, retried once, then fail");
+    assert_eq!(
+        m4_deliveries.into_inner(),
+        2,
+        "delivered, retried once, then fail"
+    );
     assert_eq!(
         committed(&broker, "g", "orders").await,
         BTreeMap::from([(0, 4)]),
@@ -201,14 +214,18 @@ async fn skip_commits_past_the_failed_message_and_counts_it() {
     let settings = policies(&broker, "g", "orders", &[Skip]);
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut seen = BTreeSet::new();
-    let mut dealt_with = BTreeSet::new();
+    let seen = Mutex::new(BTreeSet::new());
+    let dealt_with = Mutex::new(BTreeSet::new());
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            seen.extend(batch.iter().map(|m| m.id.to_string()));
-            dealt_with.extend(offsets_of(&batch));
-            if seen.len() == 20 {
+            let seen = {
+                let mut seen = seen.lock().unwrap();
+                seen.extend(batch.iter().map(|m| m.id.to_string()));
+                seen.len()
+            };
+            dealt_with.lock().unwrap().extend(offsets_of(&batch));
+            if seen == 20 {
                 handle.shutdown();
             }
             // Fail two messages by id: the rest of the batch is handled.
@@ -223,6 +240,7 @@ async fn skip_commits_past_the_failed_message_and_counts_it() {
     )
     .await
     .unwrap();
+    let dealt_with = dealt_with.lock().unwrap().clone();
     assert_eq!(handle.stats().failed_skipped, 2);
     let committed = committed(&broker, "g", "orders").await;
     assert_eq!(committed.values().sum::<i64>(), 20, "{committed:?}");
@@ -243,24 +261,24 @@ async fn a_delayed_retry_succeeds_on_its_third_attempt_while_its_partition_flows
     settings.failure.retry_topic.backoff_multiplier = 1.0;
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut m2_attempts = 0;
-    let mut handled: Vec<String> = Vec::new();
-    let mut later_produced = false;
+    let m2_attempts = AtomicUsize::new(0);
+    let handled: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let later_produced = AtomicBool::new(false);
     let run = consumer.process(async |batch: Vec<Message>| {
         let mut failed = Failures::new();
         for (i, m) in batch.iter().enumerate() {
             if m.id == "m2" {
-                m2_attempts += 1;
+                let m2_attempts = m2_attempts.fetch_add(1, Ordering::SeqCst) + 1;
                 if m2_attempts < 3 {
                     failed.add(i, format!("attempt {m2_attempts} failed"));
                     continue;
                 }
             }
-            handled.push(m.id.to_string());
+            handled.lock().unwrap().push(m.id.to_string());
         }
-        if m2_attempts == 1 && !later_produced {
+        let m2_attempts = m2_attempts.load(Ordering::SeqCst);
+        if m2_attempts == 1 && !later_produced.swap(true, Ordering::SeqCst) {
             // Records arriving on the main partition while m2 waits.
-            later_produced = true;
             produce_numbered(&broker, "jobs", 10..20).await;
         }
         if m2_attempts == 3 {
@@ -269,6 +287,7 @@ async fn a_delayed_retry_succeeds_on_its_third_attempt_while_its_partition_flows
         failed.into_result()
     });
     within(LIMIT, run).await.unwrap();
+    let handled = handled.lock().unwrap().clone();
 
     let m2_at = handled
         .iter()
@@ -327,12 +346,16 @@ async fn crash_with_m2_pending(
 async fn recover(settings: &ConsumerSettings) -> BTreeSet<String> {
     let consumer = Consumer::new(settings).unwrap();
     let handle = consumer.handle();
-    let mut seen = BTreeSet::new();
+    let seen = Mutex::new(BTreeSet::new());
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            seen.extend(batch.iter().map(|m| m.id.to_string()));
-            if seen.contains("m2") {
+            let saw_m2 = {
+                let mut seen = seen.lock().unwrap();
+                seen.extend(batch.iter().map(|m| m.id.to_string()));
+                seen.contains("m2")
+            };
+            if saw_m2 {
                 handle.shutdown();
             }
             Ok::<_, Error>(())
@@ -340,6 +363,7 @@ async fn recover(settings: &ConsumerSettings) -> BTreeSet<String> {
     )
     .await
     .unwrap();
+    let seen = seen.lock().unwrap().clone();
     seen
 }
 
@@ -437,11 +461,14 @@ async fn bad_records_between_good_ones_are_dead_lettered_unchanged_and_replayabl
     let settings = policies(&broker, "g", "events", &[Retry, DeadLetter]);
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut handled: Vec<String> = Vec::new();
-    let mut dealt_with = BTreeSet::new();
+    let handled: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let dealt_with = Mutex::new(BTreeSet::new());
     let run = consumer.process(async |batch: Vec<Message<Event>>| {
-        handled.extend(batch.iter().map(|m| m.id.to_string()));
-        dealt_with.extend(
+        handled
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|m| m.id.to_string()));
+        dealt_with.lock().unwrap().extend(
             batch
                 .iter()
                 .filter_map(|m| m.origin().map(|o| (o.partition, o.offset))),
@@ -458,6 +485,8 @@ async fn bad_records_between_good_ones_are_dead_lettered_unchanged_and_replayabl
     };
     let (result, ()) = within(LIMIT, async { tokio::join!(run, stopper) }).await;
     result.unwrap();
+    let handled = handled.lock().unwrap().clone();
+    let mut dealt_with = dealt_with.lock().unwrap().clone();
     assert_eq!(
         handled,
         ["m0", "m6", "m8"],
@@ -572,12 +601,16 @@ async fn bad_records_between_good_ones_are_skipped_with_skip() {
     let settings = policies(&broker, "g", "events", &[Skip]);
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut handled: Vec<String> = Vec::new();
+    let handled: Mutex<Vec<String>> = Mutex::new(Vec::new());
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message<Event>>| {
-            handled.extend(batch.iter().map(|m| m.id.to_string()));
-            if handled.len() == 3 {
+            let handled = {
+                let mut handled = handled.lock().unwrap();
+                handled.extend(batch.iter().map(|m| m.id.to_string()));
+                handled.len()
+            };
+            if handled == 3 {
                 handle.shutdown();
             }
             Ok::<_, Error>(())
@@ -585,7 +618,7 @@ async fn bad_records_between_good_ones_are_skipped_with_skip() {
     )
     .await
     .unwrap();
-    assert_eq!(handled, ["m0", "m6", "m8"]);
+    assert_eq!(*handled.lock().unwrap(), ["m0", "m6", "m8"]);
     assert_eq!(handle.stats().failed_skipped, 6);
     assert_eq!(
         committed(&broker, "g", "events").await,
@@ -679,13 +712,14 @@ async fn a_retry_wait_longer_than_max_poll_interval_keeps_the_group_and_the_othe
     settings.revoke_timeout_ms = 1000;
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut seen: Vec<String> = Vec::new();
-    let mut produced_later = false;
+    let seen: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let produced_later = AtomicBool::new(false);
     let run = consumer.process(async |batch: Vec<Message>| {
-        seen.extend(batch.iter().map(|m| m.id.to_string()));
-        if !produced_later {
+        seen.lock()
+            .unwrap()
+            .extend(batch.iter().map(|m| m.id.to_string()));
+        if !produced_later.swap(true, Ordering::SeqCst) {
             // While m4 waits 4 s on partition 0, partition 1 gets records.
-            produced_later = true;
             let late: Vec<RawProduce<'_>> = vec![
                 (1, Some(b"late-1"), Some(br#"{"item": 1}"#)),
                 (1, Some(b"late-2"), Some(br#"{"item": 2}"#)),
@@ -705,6 +739,7 @@ async fn a_retry_wait_longer_than_max_poll_interval_keeps_the_group_and_the_othe
     };
     let (result, stats) = within(LIMIT, async { tokio::join!(run, stopper) }).await;
     result.unwrap();
+    let seen = seen.lock().unwrap().clone();
 
     let retry_at = seen.iter().rposition(|id| id == "m4").unwrap();
     assert_eq!(seen.iter().filter(|id| *id == "m4").count(), 2, "{seen:?}");

@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -72,16 +72,20 @@ async fn consume_through(
     let consumer = Consumer::new(&settings).expect("consumer");
     let handle = consumer.handle();
     let faulted = AtomicBool::new(false);
-    let mut seen = BTreeSet::new();
-    let mut handled = 0;
+    let seen = Mutex::new(BTreeSet::new());
+    let handled = AtomicUsize::new(0);
     let run = consumer.process(async |batch: Vec<Message>| {
         if !faulted.load(Ordering::Acquire) {
             tokio::task::block_in_place(|| fault(broker));
             faulted.store(true, Ordering::Release);
         }
-        handled += batch.len();
-        seen.extend(batch.iter().map(n_of));
-        if seen.len() == RECORDS {
+        handled.fetch_add(batch.len(), Ordering::Relaxed);
+        let all_seen = {
+            let mut seen = seen.lock().unwrap();
+            seen.extend(batch.iter().map(n_of));
+            seen.len() == RECORDS
+        };
+        if all_seen {
             handle.shutdown();
         }
         Ok::<_, Error>(())
@@ -101,6 +105,8 @@ async fn consume_through(
     };
     let (result, ()) = within(LIMIT, async { tokio::join!(run, feed) }).await;
     result.expect("the consumer recovers by itself and stops cleanly");
+    let seen = seen.lock().unwrap().clone();
+    let handled = handled.into_inner();
     assert_eq!(seen.len(), RECORDS, "every id handled at least once");
     let committed = committed(broker, "g", "jobs").await;
     assert_eq!(
@@ -376,23 +382,29 @@ async fn down_and_back_up(coordinator: bool) {
         };
         tokio::join!(produce, up).1
     };
-    let mut seen = BTreeSet::new();
-    let mut handled = 0;
+    let seen = Mutex::new(BTreeSet::new());
+    let handled = AtomicUsize::new(0);
     let run = consumer.process(async |batch: Vec<Message>| {
         first_batch.store(true, Ordering::Release);
-        handled += batch.len();
-        for n in batch.iter().map(n_of) {
-            if seen.insert(n) && n >= FIRST {
-                late.fetch_add(1, Ordering::Relaxed);
+        handled.fetch_add(batch.len(), Ordering::Relaxed);
+        let all_seen = {
+            let mut seen = seen.lock().unwrap();
+            for n in batch.iter().map(n_of) {
+                if seen.insert(n) && n >= FIRST {
+                    late.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }
-        if seen.len() == RECORDS {
+            seen.len() == RECORDS
+        };
+        if all_seen {
             handle.shutdown();
         }
         Ok::<_, Error>(())
     });
     let (result, (victim, others)) = within(LIMIT, async { tokio::join!(run, outage) }).await;
     result.expect("the consumer recovers by itself");
+    let seen = seen.lock().unwrap().clone();
+    let handled = handled.into_inner();
     assert_eq!(seen.len(), RECORDS);
     let committed = committed(&broker, "g", "jobs").await;
     assert_eq!(

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,11 +91,11 @@ async fn batches_are_counted_timed_and_traced() {
     settings.service = "my-svc".into();
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut seen = 0;
+    let seen = AtomicUsize::new(0);
     within(
         Duration::from_secs(60),
         consumer.process(async |batch: Vec<Message>| {
-            seen += batch.len();
+            let seen = seen.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
             if seen == 12 {
                 handle.shutdown();
             }

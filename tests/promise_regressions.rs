@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -172,11 +173,11 @@ async fn a_handler_panic_stops_the_consumer_with_nothing_of_its_batch_committed(
     };
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut calls = 0;
+    let calls = AtomicUsize::new(0);
     let result = within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            calls += 1;
+            calls.fetch_add(1, Ordering::SeqCst);
             if batch.iter().any(|m| n_of(m) == 15) {
                 panic!("the handler's own bug");
             }
@@ -191,7 +192,7 @@ async fn a_handler_panic_stops_the_consumer_with_nothing_of_its_batch_committed(
         }
         other => panic!("process must say the handler panicked, got {other:?}"),
     }
-    assert_eq!(calls, 2, "no retry of a panicked batch");
+    assert_eq!(calls.into_inner(), 2, "no retry of a panicked batch");
     assert_eq!(handle.stats().handler_panics, 1);
     assert_eq!(handle.stats().failed_skipped, 0);
     assert_eq!(
@@ -316,18 +317,22 @@ async fn manual_commits_are_refused_when_the_consumer_commits_itself() {
     let settings = consumer_settings(&broker, "g", "auto", 5, 300);
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut refusals = Vec::new();
+    let refusals = Mutex::new(Vec::new());
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            refusals.push(handle.commit_messages(&batch).await);
-            refusals.push(handle.commit([("auto", 0, 5)]).await);
+            // Awaited before the lock is taken: no guard is held across an await.
+            let refusal = handle.commit_messages(&batch).await;
+            refusals.lock().unwrap().push(refusal);
+            let refusal = handle.commit([("auto", 0, 5)]).await;
+            refusals.lock().unwrap().push(refusal);
             handle.shutdown();
             Ok::<_, Error>(())
         }),
     )
     .await
     .unwrap();
+    let refusals = std::mem::take(&mut *refusals.lock().unwrap());
     for refusal in refusals {
         let error = refusal.expect_err("refused");
         assert!(matches!(error, Error::ManualCommit), "{error}");
@@ -385,17 +390,21 @@ async fn a_hung_handler_times_out_and_its_batch_goes_through_the_chain() {
     settings.handler_timeout_ms = 300;
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut calls = 0;
-    let mut handled = Vec::new();
+    let calls = AtomicUsize::new(0);
+    let handled = Mutex::new(Vec::new());
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message>| {
-            calls += 1;
+            let calls = calls.fetch_add(1, Ordering::SeqCst) + 1;
             if calls == 1 {
                 std::future::pending::<()>().await;
             }
-            handled.extend(batch.iter().map(n_of));
-            if handled.len() == 10 {
+            let handled = {
+                let mut handled = handled.lock().unwrap();
+                handled.extend(batch.iter().map(n_of));
+                handled.len()
+            };
+            if handled == 10 {
                 handle.shutdown();
             }
             Ok::<_, Error>(())
@@ -403,7 +412,7 @@ async fn a_hung_handler_times_out_and_its_batch_goes_through_the_chain() {
     )
     .await
     .unwrap();
-    assert_eq!(handled, (0..10).collect::<Vec<_>>());
+    assert_eq!(*handled.lock().unwrap(), (0..10).collect::<Vec<_>>());
     assert_eq!(handle.stats().handler_timeouts, 1);
     assert_eq!(handle.stats().retries, 10, "each message retried once");
     assert_eq!(handle.stats().dead_lettered, 0);
@@ -480,12 +489,16 @@ async fn a_retry_record_written_before_a_stop_is_handled_after_the_restart() {
 
     let second = Consumer::new(&settings).unwrap();
     let handle = second.handle();
-    let mut handled: Vec<String> = Vec::new();
+    let handled: Mutex<Vec<String>> = Mutex::new(Vec::new());
     within(
         LIMIT,
         second.process(async |batch: Vec<Message>| {
-            handled.extend(batch.iter().map(|m| m.id.to_string()));
-            if handled.iter().any(|id| id == "m2") {
+            let saw_m2 = {
+                let mut handled = handled.lock().unwrap();
+                handled.extend(batch.iter().map(|m| m.id.to_string()));
+                handled.iter().any(|id| id == "m2")
+            };
+            if saw_m2 {
                 handle.shutdown();
             }
             Ok::<_, Error>(())
@@ -493,7 +506,7 @@ async fn a_retry_record_written_before_a_stop_is_handled_after_the_restart() {
     )
     .await
     .unwrap();
-    assert_eq!(handled, ["m2"]);
+    assert_eq!(*handled.lock().unwrap(), ["m2"]);
     assert_eq!(
         committed(&broker, "g", "jobs.retry").await,
         BTreeMap::from([(0, 1)])
@@ -564,12 +577,16 @@ async fn a_gap_after_retention_stops_the_consumer_with_on_gap_fail() {
     settings.on_gap = OnGap::Warn;
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
-    let mut last = 0;
+    let last = AtomicUsize::new(0);
     within(
         LIMIT,
         consumer.process(async |batch: Vec<Message<Value>>| {
-            last = batch.last().map(n_of).unwrap_or(last);
-            if last == 999 {
+            let now = batch
+                .last()
+                .map(n_of)
+                .unwrap_or(last.load(Ordering::SeqCst));
+            last.store(now, Ordering::SeqCst);
+            if now == 999 {
                 handle.shutdown();
             }
             Ok::<_, Error>(())

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
@@ -15,11 +16,12 @@ async fn sigterm_finishes_the_batch_in_hand_and_returns_ok() {
     let consumer = Consumer::new(&consumer_settings(&broker, "g", "signalled", 10, 300)).unwrap();
     let handle = consumer.handle();
     handle.shutdown_on_signals();
-    let mut handled = Vec::new();
+    let handled = Mutex::new(Vec::new());
     within(
         Duration::from_secs(60),
         consumer.process(async |batch: Vec<Message>| {
-            if handled.is_empty() {
+            let first = handled.lock().unwrap().is_empty();
+            if first {
                 let status = std::process::Command::new("kill")
                     .args(["-TERM", &std::process::id().to_string()])
                     .status()
@@ -32,14 +34,14 @@ async fn sigterm_finishes_the_batch_in_hand_and_returns_ok() {
                 })
                 .await;
             }
-            handled.extend(batch.iter().map(n_of));
+            handled.lock().unwrap().extend(batch.iter().map(n_of));
             Ok::<_, Error>(())
         }),
     )
     .await
     .expect("SIGTERM makes process return Ok");
     assert_eq!(
-        handled,
+        *handled.lock().unwrap(),
         (0..10).collect::<Vec<_>>(),
         "the batch in hand finished, no other started"
     );
