@@ -34,14 +34,11 @@
 //! 3), raw, library and peer in turn; for each side the fastest wall time and
 //! the least CPU per message over its rounds are reported.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use kafka_batch::settings::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS};
-use kafka_batch::testing::EmbeddedBroker;
 use kafka_batch::{ConsumerSettings, Message, Producer, ProducerSettings};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -50,6 +47,8 @@ use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProd
 use rdkafka::{ClientConfig, ClientContext};
 use serde::Serialize;
 
+#[path = "common/broker.rs"]
+mod broker;
 mod common;
 use common::{Event, RawCommit};
 // Only this bench builds the peer (the codec and memory benches include `common` too).
@@ -343,37 +342,6 @@ async fn library_produce(
 
 /// The broker runs in a child process (this same binary), so that its CPU
 /// time is not this process's. It stops when this process closes its stdin.
-fn serve_broker() -> anyhow::Result<()> {
-    let partitions: i32 = std::env::var("BENCH_PARTITIONS")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(64);
-    let broker = EmbeddedBroker::start()?;
-    for topic in std::env::var("BENCH_TOPICS")
-        .unwrap_or_default()
-        .split(',')
-        .filter(|t| !t.is_empty())
-    {
-        broker.create_topic(topic, partitions)?;
-    }
-    println!("{}", broker.bootstrap_servers());
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
-    Ok(())
-}
-
-fn start_broker(topics: &[&str]) -> anyhow::Result<(String, Child)> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .env("BENCH_SERVE_BROKER", "1")
-        .env("BENCH_TOPICS", topics.join(","))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().context("broker stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    Ok((line.trim().to_owned(), child))
-}
-
 fn report(job: &str, raw: Measure, library: Measure, library_label: &str) {
     println!(
         "{job:<8} raw rdkafka    {:>9.0} msg/s  {:>6.2} µs CPU/msg",
@@ -390,8 +358,8 @@ fn report(job: &str, raw: Measure, library: Measure, library_label: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("BENCH_SERVE_BROKER").is_some() {
-        return serve_broker();
+    if broker::serve_if_child()? {
+        return Ok(());
     }
     let records: usize = std::env::var("BENCH_RECORDS")
         .ok()
@@ -401,7 +369,7 @@ fn main() -> anyhow::Result<()> {
     let (bootstrap, _broker) = match std::env::var("BENCH_BOOTSTRAP") {
         Ok(b) => (b, None),
         Err(_) => {
-            let (b, child) = start_broker(&topics)?;
+            let (b, child) = broker::start(&topics)?;
             (b, Some(child))
         }
     };

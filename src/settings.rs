@@ -176,8 +176,9 @@ pub struct ConsumerSettings {
     /// batch may hold while others run is `ordering`'s to say.
     pub concurrency: usize,
     /// Which records may be handled at the same time: `partition` (a
-    /// partition's records in offset order, partitions at once) or
-    /// `unordered` (any, for idempotent handlers). See [`HandlingOrder`].
+    /// partition's records in offset order, partitions at once), `key` (a
+    /// key's records in offset order, keys at once) or `unordered` (any,
+    /// for idempotent handlers). See [`HandlingOrder`].
     pub ordering: HandlingOrder,
     /// The most records of one partition read and not yet settled (in
     /// batches being built, waiting, or in the handler). At the cap the

@@ -29,6 +29,9 @@ pub(crate) struct Batch<T> {
     pub kept: Vec<Kept>,
     /// Undecodable records bound for the dead-letter topic.
     pub rejected: Vec<Rejected>,
+    /// Under `ordering = "key"`: the batch's lanes, and the records it
+    /// settles when it finishes.
+    pub keyed: Option<pieces::Keyed>,
     /// When not empty: the id and history of each message, in the order of
     /// `messages`, which [`Batch::finish_messages`] puts into them.
     deferred: Vec<Deferred>,
@@ -65,6 +68,14 @@ pub(crate) struct Kept {
 pub(crate) struct Rejected {
     pub error: DecodeError,
     pub raw: Option<KeptRecord>,
+}
+
+/// Where a record pushed to the builder came from: polled now, or kept
+/// from an earlier delivery (a retry in place under `ordering = "key"`).
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'m> {
+    Polled(&'m BorrowedMessage<'m>),
+    Kept(&'m KeptRecord),
 }
 
 /// How a polled record enters the batch.
@@ -105,13 +116,14 @@ const MESSAGES_CAPACITY: usize = 1024;
 const KEY_BYTES_RESERVED: usize = 24;
 
 impl<T> Batch<T> {
-    fn empty(id: u64, capacity: usize) -> Self {
+    pub(super) fn empty(id: u64, capacity: usize) -> Self {
         Batch {
             id,
             messages: Vec::with_capacity(capacity.min(MESSAGES_CAPACITY)),
             ranges: Vec::new(),
             kept: Vec::new(),
             rejected: Vec::new(),
+            keyed: None,
             deferred: Vec::new(),
             keys: String::new(),
         }
@@ -282,6 +294,43 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         self
     }
 
+    /// For `ordering = "key"`: messages carry their ids from the start (the
+    /// scheduler splits batches by them), and with a retry in place the
+    /// records are kept, to be delivered again from memory: a partition is
+    /// never sought back for one key.
+    pub fn keyed(mut self, chain: &Chain) -> Self {
+        self.defer = false;
+        self.keep_records |= chain
+            .step_of(crate::settings::FailurePolicy::Retry)
+            .is_some();
+        self
+    }
+
+    /// Adds a record kept from an earlier delivery (see [`BatchBuilder::keyed`]),
+    /// as read under `generation`, with its standing in the chain.
+    pub fn push_kept(
+        &mut self,
+        kept: &KeptRecord,
+        state: ChainState,
+        generation: Generation,
+        shared: &Shared,
+    ) -> Result<(), DecodeError> {
+        let record = RawRecord {
+            topic: &kept.topic,
+            partition: kept.partition,
+            offset: kept.offset,
+            key: kept.key.as_deref(),
+            value: kept.value.as_deref(),
+        };
+        self.push(
+            record,
+            Seen::New(state),
+            Some(Source::Kept(kept)),
+            |_| Some(generation),
+            shared,
+        )
+    }
+
     /// Cuts the batch being built when `record` would take it past
     /// `max_batch_bytes`, so that the record starts the next one.
     pub fn make_room(&mut self, record: &RawRecord<'_>, now: Instant) -> Option<Batch<T>> {
@@ -304,7 +353,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         &mut self,
         record: RawRecord<'_>,
         seen: Seen,
-        source: Option<&BorrowedMessage<'_>>,
+        source: Option<Source<'_>>,
         generation: impl FnOnce(&TopicPartition) -> Option<Generation>,
         shared: &Shared,
     ) -> Result<(), DecodeError> {
@@ -354,7 +403,10 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         };
         let copy = |topic: &Arc<str>| {
             if self.keep_records {
-                source.map(|m| KeptRecord::copy(m, topic))
+                source.map(|source| match source {
+                    Source::Polled(m) => KeptRecord::copy(m, topic),
+                    Source::Kept(kept) => kept.clone(),
+                })
             } else {
                 None
             }
@@ -543,5 +595,6 @@ fn latest_only_with<T>(messages: Vec<Message<T>>, kept: Vec<Kept>) -> (Vec<Messa
         .unzip()
 }
 
+pub(crate) mod pieces;
 #[cfg(test)]
 mod tests;

@@ -28,7 +28,7 @@ use rdkafka::TopicPartitionList;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{Batch, BatchBuilder, Seen};
+use super::batch::{Batch, BatchBuilder, Seen, Source};
 use super::policy::Chain;
 use super::rebalance::PollerContext;
 use super::state::{InFlight, PollerState, Shared};
@@ -36,10 +36,26 @@ use crate::envelope::{DecodeError, RawRecord};
 use crate::offsets::{Generation, OffsetTracker, TopicPartition};
 use crate::settings::{ConsumerSettings, HandlingOrder};
 
+mod keys;
+
 /// One builder and the partition it cuts batches of (`None`: every partition).
 struct Lane<T> {
     tp: Option<TopicPartition>,
     builder: BatchBuilder<T>,
+}
+
+/// Makes a builder for a partition's batches, keyed or not.
+fn builder<T: DeserializeOwned>(
+    settings: &ConsumerSettings,
+    chain: &Chain,
+    keyed: bool,
+) -> BatchBuilder<T> {
+    let builder = BatchBuilder::new(settings).with_chain(chain);
+    if keyed {
+        builder.keyed(chain)
+    } else {
+        builder
+    }
 }
 
 /// The builders, and the batches cut and not yet handed over.
@@ -48,6 +64,8 @@ pub(super) struct Lanes<'s, T> {
     chain: &'s Chain,
     /// A builder per partition (true) or one for all (false).
     per_partition: bool,
+    /// Under `ordering = "key"`: the pieces cut batches are split into.
+    keys: Option<keys::KeyQueue<T>>,
     lanes: Vec<Lane<T>>,
     /// The lane of the last record added: records come in runs per partition.
     last: usize,
@@ -57,20 +75,22 @@ pub(super) struct Lanes<'s, T> {
 
 impl<'s, T: DeserializeOwned> Lanes<'s, T> {
     pub fn new(settings: &'s ConsumerSettings, chain: &'s Chain) -> Self {
-        let per_partition =
-            settings.concurrency > 1 && settings.ordering == HandlingOrder::Partition;
+        let lanes_apart = settings.concurrency > 1;
+        let per_partition = lanes_apart && settings.ordering != HandlingOrder::Unordered;
+        let keyed = lanes_apart && settings.ordering == HandlingOrder::Key;
         let lanes = if per_partition {
             Vec::new()
         } else {
             vec![Lane {
                 tp: None,
-                builder: BatchBuilder::new(settings).with_chain(chain),
+                builder: builder(settings, chain, false),
             }]
         };
         Lanes {
             settings,
             chain,
             per_partition,
+            keys: keyed.then(|| keys::KeyQueue::new(settings, chain)),
             lanes,
             last: 0,
             ready: VecDeque::new(),
@@ -96,7 +116,7 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
             None => {
                 self.lanes.push(Lane {
                     tp: Some(TopicPartition::new(topic, partition)),
-                    builder: BatchBuilder::new(self.settings).with_chain(self.chain),
+                    builder: builder(self.settings, self.chain, self.keys.is_some()),
                 });
                 self.lanes.len() - 1
             }
@@ -121,9 +141,13 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
         if let Some(full) = self.lanes[lane].builder.make_room(&record, now) {
             self.queue(full);
         }
-        let result = self.lanes[lane]
-            .builder
-            .push(record, seen, source, generation, shared);
+        let result = self.lanes[lane].builder.push(
+            record,
+            seen,
+            source.map(Source::Polled),
+            generation,
+            shared,
+        );
         if self.lanes[lane].builder.should_cut(now) {
             let batch = self.lanes[lane].builder.cut(now);
             self.queue(batch);
@@ -132,6 +156,10 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
     }
 
     fn queue(&mut self, mut batch: Batch<T>) {
+        if let Some(keys) = &mut self.keys {
+            keys.split(batch);
+            return;
+        }
         // Ids are unique across the lanes' builders.
         batch.id = self.next_id;
         self.next_id += 1;
@@ -192,11 +220,14 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
             self.last = 0;
         }
         self.ready.retain_mut(|b| b.drop_stale(tracker));
+        if let Some(keys) = &mut self.keys {
+            keys.drop_stale(tracker);
+        }
     }
 
     /// True when no cut batch waits to be handed over.
     pub fn ready_is_empty(&self) -> bool {
-        self.ready.is_empty()
+        self.ready.is_empty() && self.keys.as_ref().is_none_or(keys::KeyQueue::is_empty)
     }
 
     /// Hands over, in order, the cut batches that may go now while the
@@ -211,6 +242,10 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
         st: &mut PollerState,
         shared: &Shared,
     ) -> bool {
+        if let Some(keys) = &mut self.keys {
+            keys.take_redeliveries(st, shared);
+            return keys.hand_over(batches, st, shared, &mut self.next_id);
+        }
         // Partitions with a batch in flight, or an earlier batch waiting.
         let mut blocked: HashSet<TopicPartition> = HashSet::new();
         if self.per_partition {
@@ -266,6 +301,7 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
                 ranges,
                 warned: false,
                 records: batch.messages.len() + batch.rejected.len(),
+                keyed: None,
             });
             st.publish_in_flight(shared);
             permit.send(batch);
@@ -273,12 +309,15 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
         false
     }
 
-    /// Records read and not yet handed over, per partition.
-    pub fn buffered(&self, counts: &mut HashMap<TopicPartition, usize>) {
+    /// The offsets read and not yet handed over, per partition: the first
+    /// and the end.
+    pub fn buffered(&self, spans: &mut HashMap<TopicPartition, (i64, i64)>) {
         let batches = self.ready.iter().flat_map(|b| b.ranges.iter());
         let building = self.lanes.iter().flat_map(|l| l.builder.ranges().iter());
-        for r in batches.chain(building) {
-            *counts.entry(r.tp.clone()).or_default() += r.records;
+        let pieces = self.keys.iter().flat_map(keys::KeyQueue::ranges);
+        for r in batches.chain(building).chain(pieces) {
+            let span = spans.entry(r.tp.clone()).or_insert((r.first, r.end));
+            *span = (span.0.min(r.first), span.1.max(r.end));
         }
     }
 }
@@ -295,13 +334,29 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
     shared: &Shared,
     cap: usize,
 ) {
-    let mut counts: HashMap<TopicPartition, usize> = HashMap::new();
-    lanes.buffered(&mut counts);
+    // Per partition, from its first record not dealt with to one past the
+    // last read: what a crash now would read again, and (but for records
+    // already settled) what is held in memory.
+    let mut spans: HashMap<TopicPartition, (i64, i64)> = HashMap::new();
+    lanes.buffered(&mut spans);
     for b in &st.in_flight {
         for (tp, _, first, end) in &b.ranges {
-            *counts.entry(tp.clone()).or_default() += (end - first).max(0) as usize;
+            let span = spans.entry(tp.clone()).or_insert((*first, *end));
+            *span = (span.0.min(*first), span.1.max(*end));
         }
     }
+    for (tp, span) in spans.iter_mut() {
+        if let Some(open) = st.tracker.first_open(tp) {
+            span.0 = span.0.min(open);
+        }
+        if let Some(end) = st.tracker.handed_end(tp) {
+            span.1 = span.1.max(end);
+        }
+    }
+    let counts: HashMap<TopicPartition, usize> = spans
+        .into_iter()
+        .map(|(tp, (first, end))| (tp, (end - first).max(0) as usize))
+        .collect();
     for (tp, n) in &counts {
         if *n < cap || st.capped.contains(tp) {
             continue;

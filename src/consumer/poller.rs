@@ -15,6 +15,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message as _, TopicPartitionList};
 use serde::de::DeserializeOwned;
 
+mod outcomes;
+
 use super::batch::{Batch, Seen};
 use super::commit::{commit_finished, describe, final_commit, COMMIT_RETRY};
 use super::gaps::{Gap, GapGuard};

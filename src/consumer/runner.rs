@@ -43,6 +43,9 @@ pub(super) struct Runner<'s> {
     forwarder: Option<Forwarder>,
     /// `consumer.handler_timeout_ms`, when set.
     timeout: Option<Duration>,
+    /// `ordering = "key"` with batches at once: a retry in place delivers
+    /// the records again from memory instead of rewinding their partition.
+    keyed: bool,
 }
 
 impl<'s> Runner<'s> {
@@ -59,6 +62,8 @@ impl<'s> Runner<'s> {
             chain,
             forwarder,
             timeout: settings.handler_timeout(),
+            keyed: settings.concurrency > 1
+                && settings.ordering == crate::settings::HandlingOrder::Key,
         })
     }
 
@@ -218,8 +223,21 @@ impl<'s> Runner<'s> {
             return stop(e);
         }
         let mut rewinds: Vec<Rewind> = Vec::new();
+        let mut again: Vec<(KeptRecord, ChainState)> = Vec::new();
+        let mut again_after = Duration::ZERO;
         for (f, action) in failed.iter().zip(&actions) {
             self.account(f, action);
+            if let (true, Action::Retry { wait, state }) = (self.keyed, action) {
+                let Some(record) = f.record else {
+                    return stop(Error::Internal(format!(
+                        "record {}:{}:{} must be delivered again but was not kept",
+                        f.topic, f.partition, f.offset
+                    )));
+                };
+                again.push((record.clone(), *state));
+                again_after = again_after.max(*wait);
+                continue;
+            }
             if let Action::Retry { wait, state } = action {
                 let tp = TopicPartition::new(f.topic, f.partition);
                 match rewinds.iter_mut().find(|r| r.tp == tp) {
@@ -238,7 +256,13 @@ impl<'s> Runner<'s> {
                 }
             }
         }
-        if rewinds.is_empty() {
+        if !again.is_empty() {
+            self.tell(ToPoller::Redeliver {
+                batch: id,
+                records: again,
+                wait: again_after,
+            });
+        } else if rewinds.is_empty() {
             self.tell(ToPoller::Finished { batch: id });
         } else {
             // Wait until the poller has rewound the partitions, so the next

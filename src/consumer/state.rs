@@ -3,17 +3,16 @@
 //! retries waiting, and the outcomes and commands sent to the poller.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 
 use super::gaps;
 use super::policy;
-use super::rebalance::PollerContext;
 use super::stats::StatsCounters;
+use crate::failure::record::KeptRecord;
 use crate::metrics::ConsumerMetrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::settings::ConsumerSettings;
@@ -56,6 +55,7 @@ impl Shared {
                 backoff: HashMap::new(),
                 capped: HashSet::new(),
                 redeliveries: Vec::new(),
+                keyed_redeliveries: Vec::new(),
                 expectations: Vec::new(),
             }),
             stopping: AtomicBool::new(false),
@@ -138,6 +138,9 @@ pub(super) struct PollerState {
     pub(super) capped: HashSet<TopicPartition>,
     /// Partitions to be read again after a rewind, for the poller to take.
     pub(super) redeliveries: Vec<(TopicPartition, Redelivery)>,
+    /// Under `ordering = "key"`: records to deliver again from memory, for
+    /// the key scheduler to take.
+    pub(super) keyed_redeliveries: Vec<KeyedRedelivery>,
     /// Where partitions continue after an assignment or a seek, for the
     /// poller's gap guard to take.
     pub(super) expectations: Vec<gaps::Expectation>,
@@ -152,6 +155,9 @@ pub(super) struct InFlight {
     pub(super) warned: bool,
     /// Its messages, and undecodable records for the dead-letter topic.
     pub(super) records: usize,
+    /// Under `ordering = "key"`: its lanes, and the records it settles when
+    /// it finishes (its ranges then only say which partitions it holds).
+    pub(super) keyed: Option<super::batch::pieces::Keyed>,
 }
 
 /// A partition to pause, seek back to `offset`, and resume at `due`.
@@ -172,6 +178,14 @@ pub(super) struct Redelivery {
     pub(super) read_under: crate::offsets::Generation,
     pub(super) until: i64,
     pub(super) states: BTreeMap<i64, policy::ChainState>,
+}
+
+/// Records of a finished batch to be delivered again, from memory, once due
+/// (a retry in place under `ordering = "key"`).
+pub(super) struct KeyedRedelivery {
+    pub(super) due: Instant,
+    /// Each record, its standing in the chain, and the generation it was read under.
+    pub(super) records: Vec<(KeptRecord, policy::ChainState, crate::offsets::Generation)>,
 }
 
 /// A partition of a batch whose records from `at` on were not dealt with.
@@ -200,6 +214,13 @@ pub(super) enum ToPoller {
     Abandoned {
         batch: u64,
     },
+    /// Under `ordering = "key"`: the batch is done but for `records`, to be
+    /// delivered again after `wait` (their keys wait for them).
+    Redeliver {
+        batch: u64,
+        records: Vec<(KeptRecord, policy::ChainState)>,
+        wait: Duration,
+    },
     /// A manual commit: settle what it names, commit the watermarks.
     Commit {
         settle: Settle,
@@ -214,221 +235,4 @@ pub(super) enum Settle {
     /// These records, as read under their generation
     /// (`ConsumerHandle::commit_messages`).
     Records(Vec<(TopicPartition, crate::offsets::Generation, Vec<i64>)>),
-}
-
-impl PollerState {
-    /// Applies every outcome and command waiting, without blocking.
-    pub(super) fn drain(&mut self, consumer: &BaseConsumer<PollerContext>, shared: &Shared) {
-        while let Some(event) = self.inbox.as_ref().and_then(|i| i.try_recv().ok()) {
-            self.apply(event, consumer, shared);
-        }
-    }
-
-    /// Waits up to `timeout` for one outcome or command and applies it.
-    pub(super) fn wait_one(
-        &mut self,
-        timeout: Duration,
-        consumer: &BaseConsumer<PollerContext>,
-        shared: &Shared,
-    ) {
-        let event = match &self.inbox {
-            Some(inbox) => inbox.recv_timeout(timeout).ok(),
-            None => None,
-        };
-        if let Some(event) = event {
-            self.apply(event, consumer, shared);
-        }
-    }
-
-    pub(super) fn apply(
-        &mut self,
-        event: ToPoller,
-        consumer: &BaseConsumer<PollerContext>,
-        shared: &Shared,
-    ) {
-        match event {
-            ToPoller::Finished { batch } => self.settle(batch, &[], shared),
-            ToPoller::Retried {
-                batch,
-                rewinds,
-                ack,
-            } => {
-                self.settle(batch, &rewinds, shared);
-                let _ = ack.send(());
-            }
-            ToPoller::Failed { batch, rewinds } => {
-                self.settle(batch, &rewinds, shared);
-                self.handler_failed = true;
-            }
-            ToPoller::Abandoned { batch } => {
-                self.take_in_flight(batch, shared);
-            }
-            ToPoller::Commit { settle, reply } => {
-                // Through the tracker, like every commit: what the request
-                // settles, and then the contiguous watermarks, never past a
-                // record that is not settled.
-                match settle {
-                    Settle::Before(offsets) => {
-                        for (tp, offset) in offsets {
-                            self.tracker.settle_before(&tp, offset);
-                        }
-                    }
-                    Settle::Records(records) => {
-                        for (tp, generation, offsets) in records {
-                            let held = self.tracker.settle_records(&tp, generation, offsets);
-                            if held == 0 {
-                                tracing::debug!(partition = %tp, "manual commit of messages read before a rebalance or rewind: nothing settled, they will be read again");
-                            }
-                        }
-                    }
-                }
-                let offsets = self.tracker.committable();
-                let _ = reply.send(
-                    super::commit::commit_offsets(consumer, &offsets, shared).map(|()| {
-                        for (tp, offset) in &offsets {
-                            self.tracker.committed(tp, *offset);
-                        }
-                    }),
-                );
-            }
-        }
-    }
-
-    /// Applies a batch's outcome to the tracker: each partition finished,
-    /// or finished up to its rewind (and, for a retry, scheduled to be read
-    /// again from there).
-    pub(super) fn settle(&mut self, batch: u64, rewinds: &[Rewind], shared: &Shared) {
-        let Some(done) = self.take_in_flight(batch, shared) else {
-            return;
-        };
-        let mut rewound = false;
-        for (tp, generation, first, end) in &done.ranges {
-            let Some(rewind) = rewinds.iter().find(|r| r.tp == *tp) else {
-                if !self.tracker.finished(tp, *generation, *first) {
-                    tracing::debug!(partition = %tp, "result for a partition no longer owned dropped");
-                }
-                continue;
-            };
-            let at = rewind.at.clamp(*first, *end);
-            let Some(new_generation) = self.tracker.rewind(tp, *generation, *first, at) else {
-                continue;
-            };
-            shared.publish_generation(tp, Some(new_generation));
-            rewound = true;
-            if let Some((wait, states)) = &rewind.retry {
-                self.hold(PendingSeek {
-                    tp: tp.clone(),
-                    generation: new_generation,
-                    offset: at,
-                    due: Instant::now() + *wait,
-                });
-                self.redeliveries.push((
-                    tp.clone(),
-                    Redelivery {
-                        generation: new_generation,
-                        read_under: *generation,
-                        until: *end,
-                        states: states.clone(),
-                    },
-                ));
-            }
-        }
-        if rewound {
-            // The poller drops what it buffered of the rewound partitions.
-            shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Holds `seek.tp` back from `seek.offset` on: the poller pauses it,
-    /// seeks it back there and resumes it at `seek.due`.
-    ///
-    /// A partition has one seek at a time, to the earliest offset asked for
-    /// in its current generation. Several records of one retry-topic
-    /// partition can be found not due before the poller performs the seek;
-    /// had each queued its own, the last would win and the earlier records
-    /// would never be read again (and be committed past). A seek of an
-    /// older generation is stale and gives way to a newer one.
-    pub(super) fn hold(&mut self, seek: PendingSeek) {
-        match self.seeks.iter_mut().find(|s| s.tp == seek.tp) {
-            None => self.seeks.push(seek),
-            Some(held) if seek.generation > held.generation => *held = seek,
-            Some(held) if seek.generation == held.generation && seek.offset < held.offset => {
-                *held = seek
-            }
-            Some(_) => {}
-        }
-    }
-
-    /// The offset `tp` is held back from, while its seek is pending.
-    pub(super) fn held_from(&self, tp: &TopicPartition) -> Option<i64> {
-        self.seeks.iter().find(|s| s.tp == *tp).map(|s| s.offset)
-    }
-
-    pub(super) fn take_in_flight(&mut self, batch: u64, shared: &Shared) -> Option<InFlight> {
-        let i = self.in_flight.iter().position(|b| b.id == batch)?;
-        let done = self.in_flight.swap_remove(i);
-        self.publish_in_flight(shared);
-        Some(done)
-    }
-
-    /// Sets the in-flight gauges: once per batch handed over or settled
-    /// (the batches in flight are a handful), never per record.
-    pub(super) fn publish_in_flight(&self, shared: &Shared) {
-        let records: usize = self.in_flight.iter().map(|b| b.records).sum();
-        shared
-            .metrics
-            .in_flight_batches
-            .set(self.in_flight.len() as f64);
-        shared.metrics.in_flight_records.set(records as f64);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seek(generation: u64, offset: i64) -> PendingSeek {
-        PendingSeek {
-            tp: TopicPartition::new("t.retry", 0),
-            generation,
-            offset,
-            due: Instant::now(),
-        }
-    }
-
-    fn held(shared: &Shared) -> Vec<(u64, i64)> {
-        shared
-            .lock()
-            .seeks
-            .iter()
-            .map(|s| (s.generation, s.offset))
-            .collect()
-    }
-
-    #[test]
-    fn a_partition_is_held_from_its_earliest_offset_in_its_newest_generation() {
-        let shared = Shared::for_tests();
-        // Records 5 and 9 found not due, then 3 (after a rewind, say).
-        shared.lock().hold(seek(1, 5));
-        shared.lock().hold(seek(1, 9));
-        assert_eq!(held(&shared), [(1, 5)], "the later record does not win");
-        shared.lock().hold(seek(1, 3));
-        assert_eq!(held(&shared), [(1, 3)]);
-        assert_eq!(
-            shared.lock().held_from(&TopicPartition::new("t.retry", 0)),
-            Some(3)
-        );
-        shared.lock().hold(seek(0, 1));
-        assert_eq!(
-            held(&shared),
-            [(1, 3)],
-            "an older generation's seek is stale"
-        );
-        shared.lock().hold(seek(2, 7));
-        assert_eq!(
-            held(&shared),
-            [(2, 7)],
-            "a newer generation's seek replaces it"
-        );
-    }
 }

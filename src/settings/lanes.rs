@@ -29,6 +29,16 @@ pub enum HandlingOrder {
     /// at most the number of partitions assigned.
     #[default]
     Partition,
+    /// Records with the same key are handled in offset order; records of
+    /// different keys run at once, those of one partition too: parallelism
+    /// beyond the partition count. A batch never holds a record whose key
+    /// has an earlier record in the handler. Records without a usable key
+    /// share their partition's keyless lane. A record retried in place
+    /// holds back only its key (it is delivered again from memory, never by
+    /// seeking the partition back), and its partition's commit, until the
+    /// chain ends; the partition's other keys flow until
+    /// `max_in_flight_records` pauses it.
+    Key,
     /// Any batches may run at once, records of one partition included: for
     /// handlers whose effect does not depend on order (idempotent writes).
     /// A record retried in place is read again from the broker, and batches

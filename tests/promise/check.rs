@@ -393,8 +393,10 @@ pub fn check(sc: &Scenario, run: &Run) -> Vec<Violation> {
         v(LOST, format!("{t}:{p}:{o}"));
     }
     check_attempts(sc, run, &log, &ix, &mut v);
-    if sc.ordering == HandlingOrder::Partition {
-        check_order(&log, &mut v);
+    match sc.ordering {
+        HandlingOrder::Partition => check_order(&log, false, &mut v),
+        HandlingOrder::Key => check_order(&log, true, &mut v),
+        _ => {}
     }
     check_exits(sc, run, &log, &mut v);
     for note in &log.notes {
@@ -497,20 +499,24 @@ fn check_attempts(
 
 /// Order (property 4): per partition, within one instance and one
 /// assignment, offsets increase except where a failed record is delivered again.
-fn check_order(log: &Log, v: &mut impl FnMut(&'static str, String)) {
-    // (instance, topic, partition) -> (rebalances, highest offset, last outcome per offset)
+///
+/// `by_key`: the lanes are a partition's keys (`ordering = "key"`), so only
+/// a key's offsets must increase.
+fn check_order(log: &Log, by_key: bool, v: &mut impl FnMut(&'static str, String)) {
+    // (instance, topic, partition, key) -> (rebalances, highest offset, last outcome per offset)
     type State = (u64, i64, BTreeMap<i64, Outcome>);
-    let mut state: BTreeMap<(u32, String, i32), State> = BTreeMap::new();
+    let mut state: BTreeMap<(u32, String, i32, String), State> = BTreeMap::new();
     let mut reported = BTreeSet::new();
     let mut i = 0;
     while i < log.calls.len() {
         let call = log.calls[i].call;
         let mut j = i;
-        let mut in_call: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut in_call: BTreeMap<(String, i32, String), i64> = BTreeMap::new();
         while j < log.calls.len() && log.calls[j].call == call {
             let c = &log.calls[j];
-            let key = (c.instance, c.topic.clone(), c.partition);
-            if let Some(prev) = in_call.get(&(c.topic.clone(), c.partition)) {
+            let lane = if by_key { c.id.clone() } else { String::new() };
+            let key = (c.instance, c.topic.clone(), c.partition, lane.clone());
+            if let Some(prev) = in_call.get(&(c.topic.clone(), c.partition, lane.clone())) {
                 if c.offset <= *prev && reported.insert(key.clone()) {
                     v(
                         "4 order",
@@ -521,7 +527,7 @@ fn check_order(log: &Log, v: &mut impl FnMut(&'static str, String)) {
                     );
                 }
             }
-            in_call.insert((c.topic.clone(), c.partition), c.offset);
+            in_call.insert((c.topic.clone(), c.partition, lane), c.offset);
             let st = state
                 .entry(key.clone())
                 .or_insert((c.rebalances, -1, BTreeMap::new()));

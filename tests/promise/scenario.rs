@@ -341,8 +341,14 @@ impl Scenario {
         // (and the scenarios of seeds found before lanes) stay the same.
         let mut r = Rng::derived(seed, 6);
         sc.concurrency = r.pick(&[1, 1, 2, 4, 8, 16]);
-        if sc.concurrency > 1 && r.chance(0.25) {
-            sc.ordering = HandlingOrder::Unordered;
+        if sc.concurrency > 1 {
+            sc.ordering = r.pick(&[
+                HandlingOrder::Partition,
+                HandlingOrder::Partition,
+                HandlingOrder::Key,
+                HandlingOrder::Key,
+                HandlingOrder::Unordered,
+            ]);
         }
         if r.chance(0.4) {
             sc.max_in_flight = Some(sc.batch_size * r.between(1, 3) as usize);
