@@ -74,10 +74,16 @@ pub use stats::ConsumerStats;
 /// # Ok(()) }
 /// ```
 pub struct Consumer {
+    /// One per `consumer.clients`.
+    clients: Vec<Client>,
+    settings: ConsumerSettings,
+}
+
+/// One Kafka consumer of this process, with its poller's state.
+struct Client {
     consumer: BaseConsumer<PollerContext>,
     shared: Arc<Shared>,
     events: mpsc::Sender<ToPoller>,
-    settings: ConsumerSettings,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -111,17 +117,30 @@ impl Consumer {
                 }
             })?;
         }
-        let (events, inbox) = mpsc::channel();
-        let shared = Arc::new(Shared::new(settings, inbox));
-        // Created here so that a configuration librdkafka refuses fails now;
-        // the group is joined only when `process` starts, so a consumer
-        // created early is never a member that does not poll.
-        let consumer: BaseConsumer<PollerContext> =
-            config.create_with_context(PollerContext::new(Arc::clone(&shared), settings))?;
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stats = Arc::new(stats::StatsCounters::default());
+        let mut clients = Vec::with_capacity(settings.clients.max(1));
+        for _ in 0..settings.clients.max(1) {
+            let (events, inbox) = mpsc::channel();
+            let shared = Arc::new(Shared::of_client(
+                settings,
+                inbox,
+                Arc::clone(&stopping),
+                Arc::clone(&stats),
+            ));
+            // Created here so that a configuration librdkafka refuses fails
+            // now; the group is joined only when `process` starts, so a
+            // consumer created early is never a member that does not poll.
+            let consumer: BaseConsumer<PollerContext> =
+                config.create_with_context(PollerContext::new(Arc::clone(&shared), settings))?;
+            clients.push(Client {
+                consumer,
+                shared,
+                events,
+            });
+        }
         Ok(Consumer {
-            consumer,
-            shared,
-            events,
+            clients,
             settings: settings.clone(),
         })
     }
@@ -130,8 +149,11 @@ impl Consumer {
     /// from anywhere (the handler included).
     pub fn handle(&self) -> ConsumerHandle {
         ConsumerHandle {
-            shared: Arc::clone(&self.shared),
-            events: self.events.clone(),
+            clients: self
+                .clients
+                .iter()
+                .map(|c| (Arc::clone(&c.shared), c.events.clone()))
+                .collect(),
         }
     }
 
@@ -161,56 +183,87 @@ impl Consumer {
         F: AsyncFn(Vec<Message<T>>) -> Result<(), E>,
         E: Into<BoxError>,
     {
+        let Consumer { clients, settings } = self;
+        // One channel for every client's batches: each batch says whose it is.
         let (batches_tx, batches_rx) =
-            tokio::sync::mpsc::channel::<Batch<T>>(self.settings.prefetch_batches);
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let Consumer {
-            consumer,
-            shared,
-            events,
-            settings,
-        } = self;
-        let poller_shared = Arc::clone(&shared);
-        let runner_settings = settings.clone();
-        let poller = std::thread::Builder::new()
-            .name("kafka-batch-poller".into())
-            // Deep (but allowed) histories are parsed recursively on this thread.
-            .stack_size(8 * 1024 * 1024)
-            .spawn(move || {
-                let result = poller::run(consumer, poller_shared, batches_tx, &settings);
-                let _ = done_tx.send(result);
-            })
-            .map_err(|e| Error::Internal(format!("cannot start the poller thread: {e}")))?;
+            tokio::sync::mpsc::channel::<Batch<T>>(settings.prefetch_batches * clients.len());
+        let mut pollers = Vec::with_capacity(clients.len());
+        let mut shared_of = Vec::with_capacity(clients.len());
+        for (index, client) in clients.into_iter().enumerate() {
+            let Client {
+                consumer,
+                shared,
+                events,
+            } = client;
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let poller_shared = Arc::clone(&shared);
+            let poller_settings = settings.clone();
+            let batches = batches_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("kafka-batch-poller-{index}"))
+                // Deep (but allowed) histories are parsed recursively on this thread.
+                .stack_size(8 * 1024 * 1024)
+                .spawn(move || {
+                    let result = poller::run(
+                        consumer,
+                        Arc::clone(&poller_shared),
+                        batches,
+                        &poller_settings,
+                        index,
+                    );
+                    if result.is_err() {
+                        // The other clients stop too: `process` returns this error.
+                        poller_shared.stopping.store(true, Ordering::Release);
+                    }
+                    let _ = done_tx.send(result);
+                });
+            match thread {
+                Ok(thread) => pollers.push((thread, done_rx)),
+                Err(e) => {
+                    shared.stopping.store(true, Ordering::Release);
+                    pollers.push((
+                        std::thread::spawn(|| {}),
+                        oneshot_with(Err(Error::Internal(format!(
+                            "cannot start a poller thread: {e}"
+                        )))),
+                    ));
+                }
+            }
+            shared_of.push((shared, events));
+        }
+        drop(batches_tx);
 
-        let failure = match runner::Runner::new(&runner_settings, &shared, &events) {
+        let runners: Result<Vec<runner::Runner<'_>>, Error> = shared_of
+            .iter()
+            .map(|(shared, events)| runner::Runner::new(&settings, shared, events))
+            .collect();
+        let failure = match runners {
             Err(e) => {
+                for (shared, _) in &shared_of {
+                    shared.stopping.store(true, Ordering::Release);
+                }
                 drop(batches_rx);
                 Some(e)
             }
-            Ok(runner) => {
-                run_batches(
-                    &runner,
-                    &handler,
-                    batches_rx,
-                    &shared,
-                    &events,
-                    &runner_settings,
-                )
-                .await
-            }
+            Ok(runners) => run_batches(&runners, &handler, batches_rx, &settings).await,
         };
-        let poller_result = done_rx
-            .await
-            .unwrap_or_else(|_| Err(Error::Internal("the poller thread panicked".into())));
-        let _ = poller.join();
-        match failure {
-            Some(e) => {
-                if let Err(poller_error) = poller_result {
-                    tracing::error!(error = %poller_error, "the consumer also failed while stopping");
+        let mut poller_error = None;
+        for (thread, done) in pollers {
+            let result = done
+                .await
+                .unwrap_or_else(|_| Err(Error::Internal("a poller thread panicked".into())));
+            let _ = thread.join();
+            if let Err(e) = result {
+                if failure.is_some() || poller_error.is_some() {
+                    tracing::error!(error = %e, "the consumer also failed while stopping");
+                } else {
+                    poller_error = Some(e);
                 }
-                Err(e)
             }
-            None => poller_result,
+        }
+        match failure.or(poller_error) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -252,11 +305,9 @@ impl Consumer {
 /// every batch it handed over was reported: so no outcome is lost to the
 /// poller leaving early.
 async fn run_batches<T, F, E>(
-    runner: &runner::Runner<'_>,
+    runners: &[runner::Runner<'_>],
     handler: &F,
     mut batches: tokio::sync::mpsc::Receiver<Batch<T>>,
-    shared: &Shared,
-    events: &mpsc::Sender<ToPoller>,
     settings: &ConsumerSettings,
 ) -> Option<Error>
 where
@@ -275,6 +326,11 @@ where
             Some(result) = running.next(), if !running.is_empty() => {
                 if let Err(e) = result {
                     if failure.is_none() {
+                        // Every client stops: the batches in the handler
+                        // finish, and none is started.
+                        for runner in runners {
+                            runner.stop();
+                        }
                         failure = Some(e);
                     } else {
                         tracing::error!(error = %e, "another batch failed while the consumer was stopping");
@@ -283,19 +339,24 @@ where
             }
             batch = batches.recv(), if open && running.len() < concurrency => match batch {
                 None => open = false,
-                Some(batch) => {
-                    if failure.is_some() || shared.stopping.load(Ordering::Acquire) {
-                        // Stopping: this batch is left uncommitted for the next owner.
-                        let _ = events.send(ToPoller::Abandoned { batch: batch.id });
-                    } else {
-                        running.push(runner.run(handler, batch));
-                    }
-                }
+                Some(batch) => match runners.get(batch.client) {
+                    // Stopping: this batch is left uncommitted for the next owner.
+                    Some(runner) if failure.is_some() || runner.stopping() => runner.abandon(batch.id),
+                    Some(runner) => running.push(runner.run(handler, batch)),
+                    None => tracing::error!(client = batch.client, "a batch of no client was dropped"),
+                },
             },
             else => break,
         }
     }
     failure
+}
+
+/// A receiver that already holds `value`.
+fn oneshot_with<V>(value: V) -> tokio::sync::oneshot::Receiver<V> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = tx.send(value);
+    rx
 }
 
 /// The decoder's view of a record librdkafka returned.

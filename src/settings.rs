@@ -180,6 +180,10 @@ pub struct ConsumerSettings {
     /// key's records in offset order, keys at once) or `unordered` (any,
     /// for idempotent handlers). See [`HandlingOrder`].
     pub ordering: HandlingOrder,
+    /// How many Kafka consumers this process runs, each its own poller
+    /// thread and group member, sharing the handler and `concurrency`:
+    /// decoding on more cores.
+    pub clients: usize,
     /// The most records of one partition read and not yet settled (in
     /// batches being built, waiting, or in the handler). At the cap the
     /// partition is paused until half of them are settled, so memory and
@@ -232,6 +236,7 @@ impl Default for ConsumerSettings {
             concurrency: 1,
             ordering: HandlingOrder::Partition,
             max_in_flight_records: 5_000,
+            clients: 1,
             latest_only: false,
             commit: true,
             revoke_timeout_ms: 30_000,
@@ -544,6 +549,7 @@ impl ConsumerSettings {
             ("consumer.max_batch_bytes", self.max_batch_bytes as u64),
             ("consumer.prefetch_batches", self.prefetch_batches as u64),
             ("consumer.concurrency", self.concurrency as u64),
+            ("consumer.clients", self.clients as u64),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -311,3 +311,47 @@ async fn a_record_retried_in_place_holds_back_only_its_partition() {
     );
     assert_eq!(handle.stats().failed_skipped, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_in_one_process_are_two_members_sharing_the_handler_and_the_partitions() {
+    let broker = broker_with("events", 4);
+    for p in 0..4 {
+        produce_to(&broker, "events", p, 0..50);
+    }
+    let mut settings = lane_settings(&broker, "events", 4, HandlingOrder::Partition);
+    settings.clients = 2;
+    // Rebalances of the embedded broker's group settle at the pace of
+    // heartbeats and the rebalance timeout (max.poll.interval.ms).
+    settings.kafka.set("heartbeat.interval.ms", "300");
+    settings.kafka.set("session.timeout.ms", "6000");
+    settings.kafka.set("max.poll.interval.ms", "10000");
+    settings.revoke_timeout_ms = 5000;
+    let consumer = Consumer::new(&settings).unwrap();
+    let handle = consumer.handle();
+    let handled = AtomicUsize::new(0);
+    let run = consumer.process(async |batch: Vec<Message>| {
+        handled.fetch_add(batch.len(), Ordering::SeqCst);
+        anyhow::Ok(())
+    });
+    let stopper = async {
+        wait_until(
+            "each client holds two of the four partitions",
+            LIMIT,
+            || {
+                handle
+                    .assignments()
+                    .iter()
+                    .map(Vec::len)
+                    .collect::<Vec<_>>()
+                    == [2, 2]
+            },
+        )
+        .await;
+        committed_to(&broker, "events", &[(0, 50), (1, 50), (2, 50), (3, 50)]).await;
+        handle.shutdown();
+    };
+    let (result, ()) = within(LIMIT, async { tokio::join!(run, stopper) }).await;
+    result.expect("process returns Ok after shutdown");
+    assert!(handled.into_inner() >= 200, "every record handled");
+    assert!(handle.stats().assigned >= 4, "the partitions were assigned");
+}

@@ -38,11 +38,14 @@ async fn the_promise_holds_in_random_scenarios() {
         restarts += summary.restarts;
         let _ = writeln!(
             std::io::stderr(),
-            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {:.1}s, {}",
+            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, {:.1}s, {}",
             summary.records,
             summary.calls,
             summary.faults,
             summary.restarts,
+            sc.clients,
+            sc.concurrency,
+            sc.ordering,
             summary.seconds,
             if summary.violations.is_empty() {
                 "ok".to_string()

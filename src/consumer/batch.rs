@@ -22,6 +22,8 @@ use crate::settings::ConsumerSettings;
 /// with the batch).
 pub(crate) struct Batch<T> {
     pub id: u64,
+    /// Which of the consumer's clients read it (`consumer.clients`).
+    pub client: usize,
     pub messages: Vec<Message<T>>,
     pub ranges: Vec<BatchRange>,
     /// With a failure chain other than `fail`: what the failure policies
@@ -119,6 +121,7 @@ impl<T> Batch<T> {
     pub(super) fn empty(id: u64, capacity: usize) -> Self {
         Batch {
             id,
+            client: 0,
             messages: Vec::with_capacity(capacity.min(MESSAGES_CAPACITY)),
             ranges: Vec::new(),
             kept: Vec::new(),

@@ -32,8 +32,9 @@ use crate::offsets::{Generation, TopicPartition};
 /// ```
 #[derive(Clone)]
 pub struct ConsumerHandle {
-    pub(super) shared: Arc<Shared>,
-    pub(super) events: mpsc::Sender<ToPoller>,
+    /// Each client's state and inbox (`consumer.clients`; they share the
+    /// stop flag and the counters).
+    pub(super) clients: Vec<(Arc<Shared>, mpsc::Sender<ToPoller>)>,
 }
 
 impl std::fmt::Debug for ConsumerHandle {
@@ -49,14 +50,21 @@ impl ConsumerHandle {
     /// committed, the consumer leaves its group, and `process` returns `Ok`.
     /// Batches prepared but not started are left for the next owner.
     pub fn shutdown(&self) {
-        if !self.shared.stopping.swap(true, Ordering::AcqRel) {
+        if !self.first().stopping.swap(true, Ordering::AcqRel) {
             tracing::info!("consumer shutting down after the batch in hand");
         }
     }
 
     /// True once [`ConsumerHandle::shutdown`] was called or the consumer is stopping.
     pub fn is_shutting_down(&self) -> bool {
-        self.shared.stopping.load(Ordering::Acquire)
+        self.first().stopping.load(Ordering::Acquire)
+    }
+
+    /// The first client's state: the stop flag, the counters and the
+    /// commit setting are the same in every client's.
+    fn first(&self) -> &Shared {
+        // A handle is made by a consumer, which has at least one client.
+        &self.clients[0].0
     }
 
     /// Calls [`ConsumerHandle::shutdown`] on SIGINT (Ctrl-C) or SIGTERM.
@@ -132,22 +140,58 @@ impl ConsumerHandle {
     }
 
     async fn request_commit(&self, settle: Settle) -> Result<(), Error> {
-        if self.shared.commit {
+        if self.first().commit {
             return Err(Error::ManualCommit);
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.events
-            .send(ToPoller::Commit { settle, reply })
-            .map_err(|_| Error::Stopped)?;
-        answer
-            .await
-            .map_err(|_| Error::Stopped)?
-            .map_err(Error::Commit)
+        // Every client settles what it holds of the request (the others'
+        // partitions are not in its tracker) and commits its own.
+        let mut answers = Vec::with_capacity(self.clients.len());
+        for (_, events) in &self.clients {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            events
+                .send(ToPoller::Commit {
+                    settle: settle.clone(),
+                    reply,
+                })
+                .map_err(|_| Error::Stopped)?;
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer
+                .await
+                .map_err(|_| Error::Stopped)?
+                .map_err(Error::Commit)?;
+        }
+        Ok(())
+    }
+
+    /// The partitions each client holds now, in client order (one list
+    /// with `consumer.clients = 1`), each sorted. Empty before the group
+    /// assigned any, and while a rebalance moves them.
+    ///
+    /// ```no_run
+    /// # async fn run(consumer: kafka_batch::Consumer) {
+    /// let handle = consumer.handle();
+    /// for (client, partitions) in handle.assignments().iter().enumerate() {
+    ///     let names: Vec<String> = partitions.iter().map(ToString::to_string).collect();
+    ///     println!("client {client}: {}", names.join(","));
+    /// }
+    /// # }
+    /// ```
+    pub fn assignments(&self) -> Vec<Vec<TopicPartition>> {
+        self.clients
+            .iter()
+            .map(|(shared, _)| {
+                let mut held = shared.lock().tracker.partitions();
+                held.sort();
+                held
+            })
+            .collect()
     }
 
     /// The consumer's counters so far.
     pub fn stats(&self) -> ConsumerStats {
-        self.shared.stats.snapshot()
+        self.first().stats.snapshot()
     }
 }
 

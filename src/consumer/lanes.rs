@@ -71,10 +71,12 @@ pub(super) struct Lanes<'s, T> {
     last: usize,
     ready: VecDeque<Batch<T>>,
     next_id: u64,
+    /// This poller's client, written into every batch.
+    client: usize,
 }
 
 impl<'s, T: DeserializeOwned> Lanes<'s, T> {
-    pub fn new(settings: &'s ConsumerSettings, chain: &'s Chain) -> Self {
+    pub fn new(settings: &'s ConsumerSettings, chain: &'s Chain, client: usize) -> Self {
         let lanes_apart = settings.concurrency > 1;
         let per_partition = lanes_apart && settings.ordering != HandlingOrder::Unordered;
         let keyed = lanes_apart && settings.ordering == HandlingOrder::Key;
@@ -95,6 +97,7 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
             last: 0,
             ready: VecDeque::new(),
             next_id: 1,
+            client,
         }
     }
 
@@ -162,6 +165,7 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
         }
         // Ids are unique across the lanes' builders.
         batch.id = self.next_id;
+        batch.client = self.client;
         self.next_id += 1;
         self.ready.push_back(batch);
     }
@@ -244,7 +248,7 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
     ) -> bool {
         if let Some(keys) = &mut self.keys {
             keys.take_redeliveries(st, shared);
-            return keys.hand_over(batches, st, shared, &mut self.next_id);
+            return keys.hand_over(batches, st, shared, &mut self.next_id, self.client);
         }
         // Partitions with a batch in flight, or an earlier batch waiting.
         let mut blocked: HashSet<TopicPartition> = HashSet::new();

@@ -48,6 +48,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     shared: Arc<Shared>,
     batches: tokio::sync::mpsc::Sender<Batch<T>>,
     settings: &ConsumerSettings,
+    client: usize,
 ) -> Result<(), Error> {
     let subscription = settings.subscription();
     let topics: Vec<&str> = subscription.iter().map(String::as_str).collect();
@@ -56,6 +57,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         return Err(e.into());
     }
     tracing::info!(
+        client,
         group = %settings.group_id,
         topics = %subscription.join(","),
         bootstrap_servers = %settings.bootstrap_servers,
@@ -73,7 +75,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     // A batch in the handler longer than this is logged: the poller keeps a
     // hung handler's consumer in its group, so nothing else would say so.
     let long_batch = settings.max_poll_interval();
-    let mut lanes = Lanes::<T>::new(settings, &chain);
+    let mut lanes = Lanes::<T>::new(settings, &chain, client);
     let mut epoch = shared.rebalance_epoch.load(Ordering::Acquire);
     let mut retry_commit_at: Option<Instant> = None;
     let mut failure: Option<Error> = None;

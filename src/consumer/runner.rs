@@ -67,6 +67,21 @@ impl<'s> Runner<'s> {
         })
     }
 
+    /// True once the consumer is stopping (a shutdown, or a failure).
+    pub fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    /// Stops every client of the consumer (they share the flag).
+    pub fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+    }
+
+    /// Gives a batch back unhandled: it is left uncommitted for the next owner.
+    pub fn abandon(&self, batch: u64) {
+        self.tell(ToPoller::Abandoned { batch });
+    }
+
     fn tell(&self, event: ToPoller) {
         // The poller outlives the runner; if it stopped, nothing is committed anyway.
         let _ = self.events.send(event);

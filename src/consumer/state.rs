@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
@@ -22,11 +22,13 @@ pub(super) struct Shared {
     /// Locked by the poller loop between polls and by the rebalance
     /// callbacks (which run inside `poll`, on the same thread).
     pub(super) state: Mutex<PollerState>,
-    pub(super) stopping: AtomicBool,
+    /// Shared by the consumer's clients: a shutdown stops them all.
+    pub(super) stopping: Arc<AtomicBool>,
     /// Bumped on every assign and revoke, so the loop knows to drop buffered
     /// records of partitions whose generation changed.
     pub(super) rebalance_epoch: AtomicU64,
-    pub(super) stats: StatsCounters,
+    /// Shared by the consumer's clients: a handle reads their sum.
+    pub(super) stats: Arc<StatsCounters>,
     pub(super) metrics: ConsumerMetrics,
     pub(super) revoke_timeout: Duration,
     pub(super) commit: bool,
@@ -43,7 +45,19 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    #[cfg(test)]
     pub(super) fn new(settings: &ConsumerSettings, inbox: mpsc::Receiver<ToPoller>) -> Shared {
+        Shared::of_client(settings, inbox, Arc::default(), Arc::default())
+    }
+
+    /// One client's state, with the stop flag and counters all of the
+    /// consumer's clients share.
+    pub(super) fn of_client(
+        settings: &ConsumerSettings,
+        inbox: mpsc::Receiver<ToPoller>,
+        stopping: Arc<AtomicBool>,
+        stats: Arc<StatsCounters>,
+    ) -> Shared {
         Shared {
             state: Mutex::new(PollerState {
                 tracker: OffsetTracker::default(),
@@ -58,9 +72,9 @@ impl Shared {
                 keyed_redeliveries: Vec::new(),
                 expectations: Vec::new(),
             }),
-            stopping: AtomicBool::new(false),
+            stopping,
             rebalance_epoch: AtomicU64::new(0),
-            stats: StatsCounters::default(),
+            stats,
             metrics: ConsumerMetrics::new(&settings.service),
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
@@ -229,6 +243,7 @@ pub(super) enum ToPoller {
 }
 
 /// What a manual commit says was dealt with.
+#[derive(Clone)]
 pub(super) enum Settle {
     /// Every record handed out before each offset (`ConsumerHandle::commit`).
     Before(Vec<(TopicPartition, i64)>),

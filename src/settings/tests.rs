@@ -170,6 +170,7 @@ fn zero_sizes_are_refused() {
         "max_batch_bytes",
         "prefetch_batches",
         "concurrency",
+        "clients",
     ] {
         Jail::expect_with(|jail| {
             let text = message(load_in(jail, &format!("[consumer]\n{setting} = 0\n")));

@@ -79,6 +79,7 @@ fn settings(sc: &Scenario, broker: &EmbeddedBroker) -> ConsumerSettings {
     s.batch_size = sc.batch_size;
     s.batch_timeout_ms = sc.batch_timeout_ms;
     s.concurrency = sc.concurrency;
+    s.clients = sc.clients;
     s.ordering = sc.ordering;
     if let Some(cap) = sc.max_in_flight {
         s.max_in_flight_records = cap;

@@ -105,6 +105,8 @@ pub struct Scenario {
     pub concurrency: usize,
     pub ordering: HandlingOrder,
     pub max_in_flight: Option<usize>,
+    /// `consumer.clients`: group members in one instance.
+    pub clients: usize,
 }
 
 const ERRORS: &[RDKafkaRespErr] = &[
@@ -209,6 +211,7 @@ impl Scenario {
             concurrency: 1,
             ordering: HandlingOrder::Partition,
             max_in_flight: None,
+            clients: 1,
         };
 
         // Records and their fates.
@@ -353,6 +356,7 @@ impl Scenario {
         if r.chance(0.4) {
             sc.max_in_flight = Some(sc.batch_size * r.between(1, 3) as usize);
         }
+        sc.clients = r.pick(&[1, 1, 1, 2, 3]);
         sc
     }
 
@@ -465,7 +469,8 @@ impl fmt::Display for Scenario {
             .collect();
         writeln!(
             f,
-            "  concurrency {}, ordering {:?}, max_in_flight_records {}",
+            "  clients {}, concurrency {}, ordering {:?}, max_in_flight_records {}",
+            self.clients,
             self.concurrency,
             self.ordering,
             self.max_in_flight

@@ -120,6 +120,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
         st: &mut PollerState,
         shared: &Shared,
         next_id: &mut u64,
+        client: usize,
     ) -> bool {
         for read in self.unregistered.drain(..) {
             if st.tracker.generation(&read.tp) == Some(read.generation) {
@@ -165,6 +166,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
                 return false;
             }
             *next_id += 1;
+            batch.client = client;
             blocked.extend(taken);
             let keyed = batch.keyed.take();
             st.in_flight.push(InFlight {
