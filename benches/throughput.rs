@@ -11,7 +11,8 @@
 //! ```
 //!
 //! `BENCH_JOBS` is a comma-separated list of `consume-raw`, `consume-library`,
-//! `consume-peer`, `produce` (default: all four).
+//! `consume-clients` (kafka-batch with `consumer.clients = 2`: two poller
+//! threads decoding), `consume-peer`, `produce` (default: all five).
 //!
 //! The raw consume side is three hand-written at-least-once loops
 //! (`common::RawCommit`): committing synchronously per batch, asynchronously
@@ -191,9 +192,18 @@ const RAW_COMMITS: [RawCommit; 3] = [
     RawCommit::StoredWithInterval,
 ];
 
-async fn library_consume(bootstrap: &str, group: &str, records: usize) -> anyhow::Result<usize> {
+async fn library_consume(
+    bootstrap: &str,
+    group: &str,
+    records: usize,
+    clients: usize,
+) -> anyhow::Result<usize> {
     let mut settings = ConsumerSettings::new(bootstrap, group, &[INPUT]);
     settings.batch_size = BATCH;
+    // Two clients: two poller threads decode; two batches may be in the
+    // (counting) handler at once, one per client's partitions.
+    settings.clients = clients;
+    settings.concurrency = clients;
     settings.kafka.set("auto.offset.reset", "earliest");
     if let Some(p) = std::env::var("BENCH_PREFETCH")
         .ok()
@@ -383,7 +393,7 @@ fn main() -> anyhow::Result<()> {
         library_produce(&bootstrap, INPUT, &messages, 10_000, 2).await?;
 
         let jobs = std::env::var("BENCH_JOBS")
-            .unwrap_or_else(|_| "consume-raw,consume-library,consume-peer,produce".into());
+            .unwrap_or_else(|_| "consume-raw,consume-library,consume-clients,consume-peer,produce".into());
         let (want_raw, want_library, want_peer) = (
             jobs.contains("consume-raw"),
             jobs.contains("consume-library"),
@@ -393,7 +403,9 @@ fn main() -> anyhow::Result<()> {
         // peer. The honest baseline ("raw") is the faster of the two that
         // never wait for a commit; the one that commits synchronously per
         // batch is shown for what it costs.
-        let mut rounds: Vec<(Vec<Measure>, Option<Measure>, Option<Measure>)> = Vec::new();
+        let want_clients = jobs.contains("consume-clients");
+        type Round = (Vec<Measure>, Option<Measure>, Option<Measure>, Option<Measure>);
+        let mut rounds: Vec<Round> = Vec::new();
         for round in 0..(*ROUNDS).max(1) {
             let mut raws = Vec::new();
             if want_raw {
@@ -417,6 +429,20 @@ fn main() -> anyhow::Result<()> {
                         &bootstrap,
                         &format!("library-{round}"),
                         records,
+                        1,
+                    ))
+                    .await?,
+                )
+            } else {
+                None
+            };
+            let two_clients = if want_clients {
+                Some(
+                    measure(library_consume(
+                        &bootstrap,
+                        &format!("clients-{round}"),
+                        records,
+                        2,
                     ))
                     .await?,
                 )
@@ -429,7 +455,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 None
             };
-            rounds.push((raws, library, peer));
+            rounds.push((raws, library, peer, two_clients));
         }
         let raws: Vec<(RawCommit, Option<Measure>)> = RAW_COMMITS
             .into_iter()
@@ -452,6 +478,17 @@ fn main() -> anyhow::Result<()> {
             .filter_map(|(commit, m)| m.map(|m| (*commit, m)))
             .max_by(|a, b| a.1.rate().total_cmp(&b.1.rate()));
         let library = best(rounds.iter().filter_map(|r| r.1));
+        if let (Some((commit, raw)), Some(two)) = (honest, best(rounds.iter().filter_map(|r| r.3))) {
+            println!(
+                "consume  {:<22} {:>9.0} msg/s  {:>6.2} µs CPU/msg   against the fastest raw ({}): throughput ratio {:.2}, CPU ratio {:.2}",
+                "kafka-batch, 2 clients",
+                two.rate(),
+                two.cpu_us(),
+                commit.label(),
+                two.rate() / raw.rate(),
+                two.cpu_us() / raw.cpu_us()
+            );
+        }
         match (honest, library) {
             (Some((commit, raw)), Some(library)) => {
                 println!(

@@ -84,7 +84,14 @@ async fn main() -> anyhow::Result<()> {
                 let origin = m
                     .origin()
                     .context("a consumed message knows where it was read")?;
-                let _ = writeln!(lines, "{} {} {}", origin.partition, origin.offset, m.id);
+                // The record's identity (a payload `id` when the run gives
+                // records shared keys), then its key.
+                let id = m.payload.get("id").and_then(Value::as_str).unwrap_or(&m.id);
+                let _ = writeln!(
+                    lines,
+                    "{} {} {} {}",
+                    origin.partition, origin.offset, id, m.id
+                );
             }
             // One write per batch, done before Ok: what the file holds was
             // handled, and nothing can be committed that is not in it.

@@ -355,3 +355,113 @@ async fn two_clients_in_one_process_are_two_members_sharing_the_handler_and_the_
     assert!(handled.into_inner() >= 200, "every record handled");
     assert!(handle.stats().assigned >= 4, "the partitions were assigned");
 }
+
+/// Cooperative rebalance with batches of every partition in the handler:
+/// the revoke waits (up to `revoke_timeout_ms`) for the batches of the
+/// partitions it takes, gives them up when they do not finish, and their
+/// late results are dropped, never committed; the partitions kept keep
+/// their batches, which finish and are committed by their owner. The
+/// batches are held until the new member has its share, which it gets only
+/// after the revoke: so the revoke certainly met them in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_with_batches_in_flight_drops_their_late_results_and_keeps_the_others() {
+    let broker = broker_with("events", 4);
+    for p in 0..4 {
+        produce_to(&broker, "events", p, 0..20);
+    }
+    let mut settings = lane_settings(&broker, "events", 4, HandlingOrder::Partition);
+    settings
+        .kafka
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    settings.kafka.set("heartbeat.interval.ms", "300");
+    settings.kafka.set("session.timeout.ms", "6000");
+    settings.kafka.set("max.poll.interval.ms", "10000");
+    settings.revoke_timeout_ms = 2000;
+    let first = Consumer::new(&settings).unwrap();
+    let first_handle = first.handle();
+    let second = Consumer::new(&settings).unwrap();
+    let second_handle = second.handle();
+    let held = AtomicUsize::new(0);
+    let release = tokio::sync::Notify::new();
+    let by_first: Mutex<Vec<(i32, i64)>> = Mutex::default();
+    let by_second: Mutex<Vec<(i32, i64)>> = Mutex::default();
+    let run_first = first.process(async |batch: Vec<Message>| {
+        let at = coords(&batch);
+        if at.iter().any(|(_, o)| *o == 0) {
+            let waiting = release.notified();
+            held.fetch_add(1, Ordering::SeqCst);
+            waiting.await;
+        }
+        by_first.lock().unwrap().extend(at);
+        anyhow::Ok(())
+    });
+    let run_second = async {
+        wait_until(
+            "the first member holds a batch of every partition",
+            LIMIT,
+            || held.load(Ordering::SeqCst) == 4,
+        )
+        .await;
+        second
+            .process(async |batch: Vec<Message>| {
+                by_second.lock().unwrap().extend(coords(&batch));
+                anyhow::Ok(())
+            })
+            .await
+    };
+    let moved: Mutex<BTreeSet<i32>> = Mutex::default();
+    let test = async {
+        wait_until("the second member has its two partitions", LIMIT, || {
+            second_handle
+                .assignments()
+                .first()
+                .is_some_and(|held| held.len() == 2)
+        })
+        .await;
+        *moved.lock().unwrap() = second_handle.assignments()[0]
+            .iter()
+            .map(|tp| tp.partition)
+            .collect();
+        release.notify_waiters();
+        committed_to(&broker, "events", &[(0, 20), (1, 20), (2, 20), (3, 20)]).await;
+        first_handle.shutdown();
+        second_handle.shutdown();
+    };
+    let (a, b, ()) = within(LIMIT, async { tokio::join!(run_first, run_second, test) }).await;
+    a.expect("the first member returns Ok");
+    b.expect("the second member returns Ok");
+
+    let moved = moved.into_inner().unwrap();
+    let by_first = by_first.into_inner().unwrap();
+    let by_second = by_second.into_inner().unwrap();
+    for p in 0..4 {
+        let second_saw: BTreeSet<i64> = by_second
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        if moved.contains(&p) {
+            assert_eq!(
+                second_saw,
+                (0..20).collect(),
+                "partition {p} moved: its new owner read it all, the old owner's late batch was not committed"
+            );
+        } else {
+            assert!(
+                second_saw.is_empty(),
+                "partition {p} stayed: {second_saw:?}"
+            );
+            let first_saw: Vec<i64> = by_first
+                .iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, o)| *o)
+                .collect();
+            assert_eq!(
+                first_saw,
+                (0..20).collect::<Vec<i64>>(),
+                "partition {p} stayed with its owner, handled once in order"
+            );
+        }
+    }
+    assert_eq!(moved.len(), 2);
+}

@@ -75,6 +75,18 @@ pub fn id_of(i: usize) -> String {
 /// Produces records `range` (ids [`id_of`], about 200 bytes each) and waits
 /// for every delivery report.
 pub async fn produce(bootstrap: &str, topic: &str, range: std::ops::Range<usize>) {
+    produce_keyed(bootstrap, topic, range, None).await
+}
+
+/// Like [`produce`]; with `keys`, record `i` has the key `k{i % keys}` (the
+/// key is the message id) and carries its identity [`id_of`] as `id` in its
+/// payload, which the members write down.
+pub async fn produce_keyed(
+    bootstrap: &str,
+    topic: &str,
+    range: std::ops::Range<usize>,
+    keys: Option<usize>,
+) {
     let mut settings = ProducerSettings::new(bootstrap);
     settings.service = "reliability-origin".into();
     // One record per record batch: tansu 0.6.0 answers a fetch from an
@@ -91,9 +103,10 @@ pub async fn produce(bootstrap: &str, topic: &str, range: std::ops::Range<usize>
         let end = (start + 20_000).min(range.end);
         let batch: Vec<Message> = (start..end)
             .map(|i| {
+                let key = keys.map_or_else(|| id_of(i), |k| format!("k{}", i % k));
                 Message::new(
-                    id_of(i),
-                    json!({ "n": i, "title": "a record of the reliability run", "pad": "x".repeat(64) }),
+                    key,
+                    json!({ "n": i, "id": id_of(i), "title": "a record of the reliability run", "pad": "x".repeat(64) }),
                 )
             })
             .collect();
@@ -553,11 +566,14 @@ fn rebalance_line(line: &str) -> Option<(OffsetDateTime, bool, Vec<i32>)> {
 /// What the members wrote down: for each member log, `(partition, offset, id)`.
 pub struct Handled {
     pub by_member: BTreeMap<String, Vec<(i32, i64, String)>>,
+    /// The key of each record handled, by (partition, offset).
+    pub key_of: HashMap<(i32, i64), String>,
 }
 
 impl Handled {
     fn read(dir: &Path) -> Handled {
         let mut by_member = BTreeMap::new();
+        let mut key_of = HashMap::new();
         for (name, text) in member_files(dir, "log") {
             // A line cut short by SIGKILL in the middle of a write was never
             // handled (the handler had not returned): only whole lines count.
@@ -565,16 +581,18 @@ impl Handled {
             let records = whole
                 .lines()
                 .map(|line| {
-                    let mut parts = line.splitn(3, ' ');
-                    let mut field = || parts.next().expect("partition offset id");
+                    let mut parts = line.splitn(4, ' ');
+                    let mut field = || parts.next().expect("partition offset id key");
                     let partition = field().parse().expect("partition");
                     let offset = field().parse().expect("offset");
-                    (partition, offset, field().to_string())
+                    let id = field().to_string();
+                    key_of.insert((partition, offset), field().to_string());
+                    (partition, offset, id)
                 })
                 .collect();
             by_member.insert(name, records);
         }
-        Handled { by_member }
+        Handled { by_member, key_of }
     }
 
     /// How many handlings in all (duplicates included).
@@ -761,4 +779,30 @@ mod tests {
         assert!(!ownership.overlapped("member-6", "member-13", 3));
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
+}
+
+/// Where a member handled a key's record after a later record of the same
+/// key, in the order it wrote them down, and the record was handled only
+/// that once in the run: not a record read again after a kill or a
+/// rebalance (those restart from the commit and are handled twice), so a
+/// break of the key's order.
+pub fn key_order_broken(handled: &Handled) -> Vec<String> {
+    let counts = handled.counts();
+    let mut broken = Vec::new();
+    for (member, records) in &handled.by_member {
+        let mut highest: HashMap<(i32, &str), i64> = HashMap::new();
+        for (partition, offset, id) in records {
+            let Some(key) = handled.key_of.get(&(*partition, *offset)) else {
+                continue;
+            };
+            let top = highest.entry((*partition, key.as_str())).or_insert(-1);
+            if *offset < *top && counts.get(id.as_str()) == Some(&1) {
+                broken.push(format!(
+                    "{member}: key {key} partition {partition}: offset {offset} after {top}"
+                ));
+            }
+            *top = (*top).max(*offset);
+        }
+    }
+    broken
 }
