@@ -20,6 +20,8 @@
 mod common;
 #[path = "real_broker/harness.rs"]
 mod harness;
+#[path = "real_broker/order.rs"]
+mod order;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -158,7 +160,7 @@ async fn crash_run(
     let mut run = Run::new(&bootstrap, name, 8).await;
     harness::produce_keyed(&bootstrap, &run.topic, 0..RECORDS, keys).await;
     let started = Instant::now();
-    let mut members: Vec<_> = (0..3).map(|_| run.start_member(&pace)).collect();
+    let mut members: Vec<_> = (0..3).map(|_| run.start_member(pace)).collect();
     let (mut kills, mut in_flight_at_kills, mut kills_mid_batch) = (0, 0, 0);
     let mut killed_at = HashMap::new();
     while kills < 10 {
@@ -288,7 +290,7 @@ async fn crash_run(
     );
     let order = match keys {
         Some(keys) => {
-            let broken = harness::key_order_broken(&handled);
+            let broken = order::key_order_broken(&handled);
             assert!(
                 broken.is_empty(),
                 "a key's records were handled out of offset order (seed {seed}): {:?}",
