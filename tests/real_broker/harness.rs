@@ -780,4 +780,3 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
-
