@@ -148,15 +148,31 @@ impl<T> Batch<T> {
         !self.messages.is_empty() || !self.rejected.is_empty()
     }
 
-    /// The batch ref for logs: `topic[partition=first:end,...]`.
+    /// The batch ref for logs: `topic[partition=first:end,...]`. A batch
+    /// put together from several keys' pieces (`ordering = "key"`) holds
+    /// several ranges of a partition: its ref spans them, one per partition.
     pub fn batch_ref(&self) -> BatchRef {
-        BatchRef::from_ranges(self.ranges.iter().map(|r| PartitionRange {
-            topic: r.tp.topic.clone(),
-            partition: r.tp.partition,
-            first: r.first,
-            end: r.end,
-            records: r.records,
-        }))
+        let mut spans: Vec<PartitionRange> = Vec::with_capacity(self.ranges.len());
+        for r in &self.ranges {
+            match spans
+                .iter_mut()
+                .find(|s| s.partition == r.tp.partition && s.topic == r.tp.topic)
+            {
+                Some(s) => {
+                    s.first = s.first.min(r.first);
+                    s.end = s.end.max(r.end);
+                    s.records += r.records;
+                }
+                None => spans.push(PartitionRange {
+                    topic: r.tp.topic.clone(),
+                    partition: r.tp.partition,
+                    first: r.first,
+                    end: r.end,
+                    records: r.records,
+                }),
+            }
+        }
+        BatchRef::from_ranges(spans)
     }
 
     /// Drops the records of partitions reassigned or revoked since they were
@@ -295,43 +311,6 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
         self.keep_records = chain.keeps_records();
         self.defer = self.defer && !self.keep_state;
         self
-    }
-
-    /// For `ordering = "key"`: messages carry their ids from the start (the
-    /// scheduler splits batches by them), and with a retry in place the
-    /// records are kept, to be delivered again from memory: a partition is
-    /// never sought back for one key.
-    pub fn keyed(mut self, chain: &Chain) -> Self {
-        self.defer = false;
-        self.keep_records |= chain
-            .step_of(crate::settings::FailurePolicy::Retry)
-            .is_some();
-        self
-    }
-
-    /// Adds a record kept from an earlier delivery (see [`BatchBuilder::keyed`]),
-    /// as read under `generation`, with its standing in the chain.
-    pub fn push_kept(
-        &mut self,
-        kept: &KeptRecord,
-        state: ChainState,
-        generation: Generation,
-        shared: &Shared,
-    ) -> Result<(), DecodeError> {
-        let record = RawRecord {
-            topic: &kept.topic,
-            partition: kept.partition,
-            offset: kept.offset,
-            key: kept.key.as_deref(),
-            value: kept.value.as_deref(),
-        };
-        self.push(
-            record,
-            Seen::New(state),
-            Some(Source::Kept(kept)),
-            |_| Some(generation),
-            shared,
-        )
     }
 
     /// Cuts the batch being built when `record` would take it past

@@ -10,7 +10,13 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use super::{Batch, BatchRange, Kept};
+use serde::de::DeserializeOwned;
+
+use super::{Batch, BatchBuilder, BatchRange, Kept, Seen, Source};
+use crate::consumer::policy::{Chain, ChainState};
+use crate::consumer::state::Shared;
+use crate::envelope::{DecodeError, RawRecord};
+use crate::failure::record::KeptRecord;
 use crate::offsets::{Generation, TopicPartition};
 
 /// What must be handled in order: a partition's records of one key, or
@@ -169,5 +175,44 @@ fn note<T>(piece: &mut Batch<T>, offset: i64) {
     }
     if let Some((_, _, offsets)) = piece.keyed.as_mut().and_then(|k| k.settle.first_mut()) {
         offsets.push(offset);
+    }
+}
+
+impl<T: DeserializeOwned> BatchBuilder<T> {
+    /// For `ordering = "key"`: messages carry their ids from the start (the
+    /// scheduler splits batches by them), and with a retry in place the
+    /// records are kept, to be delivered again from memory: a partition is
+    /// never sought back for one key.
+    pub fn keyed(mut self, chain: &Chain) -> Self {
+        self.defer = false;
+        self.keep_records |= chain
+            .step_of(crate::settings::FailurePolicy::Retry)
+            .is_some();
+        self
+    }
+
+    /// Adds a record kept from an earlier delivery (see [`BatchBuilder::keyed`]),
+    /// as read under `generation`, with its standing in the chain.
+    pub fn push_kept(
+        &mut self,
+        kept: &KeptRecord,
+        state: ChainState,
+        generation: Generation,
+        shared: &Shared,
+    ) -> Result<(), DecodeError> {
+        let record = RawRecord {
+            topic: &kept.topic,
+            partition: kept.partition,
+            offset: kept.offset,
+            key: kept.key.as_deref(),
+            value: kept.value.as_deref(),
+        };
+        self.push(
+            record,
+            Seen::New(state),
+            Some(Source::Kept(kept)),
+            |_| Some(generation),
+            shared,
+        )
     }
 }
