@@ -184,9 +184,14 @@ impl Consumer {
         E: Into<BoxError>,
     {
         let Consumer { clients, settings } = self;
-        // One channel for every client's batches: each batch says whose it is.
+        // One channel for every client's batches: each batch says whose it
+        // is. Each poller hands over at most `concurrency + prefetch_batches`
+        // batches not yet reported, so the channel never makes it wait: it
+        // waits for outcomes, which free the slots (waiting for room in a
+        // smaller channel, it would sleep while the runner takes batches).
+        let slots = settings.concurrency.max(1) + settings.prefetch_batches;
         let (batches_tx, batches_rx) =
-            tokio::sync::mpsc::channel::<Batch<T>>(settings.prefetch_batches * clients.len());
+            tokio::sync::mpsc::channel::<Batch<T>>(slots * clients.len());
         let mut pollers = Vec::with_capacity(clients.len());
         let mut shared_of = Vec::with_capacity(clients.len());
         for (index, client) in clients.into_iter().enumerate() {

@@ -285,12 +285,20 @@ impl OffsetTracker {
             return 0;
         };
         let mut held = 0;
+        let holds = |r: &HandedOut, offset: i64| {
+            r.generation == generation && r.first <= offset && offset < r.end
+        };
         for offset in offsets {
-            if let Some(range) = p
-                .handed_out
-                .iter_mut()
-                .find(|r| r.generation == generation && r.first <= offset && offset < r.end)
-            {
+            // Ranges are handed out in offset order: the one holding an
+            // offset is found by binary search (under `ordering = "key"` a
+            // partition has hundreds of small ranges open), and by a scan
+            // should that order ever not hold.
+            let below = p.handed_out.partition_point(|r| r.first <= offset);
+            let index = below
+                .checked_sub(1)
+                .filter(|i| holds(&p.handed_out[*i], offset))
+                .or_else(|| p.handed_out.iter().position(|r| holds(r, offset)));
+            if let Some(range) = index.and_then(|i| p.handed_out.get_mut(i)) {
                 range.settle(offset, offset + 1);
                 held += 1;
             }

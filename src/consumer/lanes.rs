@@ -73,6 +73,9 @@ pub(super) struct Lanes<'s, T> {
     next_id: u64,
     /// This poller's client, written into every batch.
     client: usize,
+    /// Batches this client may have handed over and not had reported:
+    /// `concurrency` in the handler and `prefetch_batches` more.
+    slots: usize,
 }
 
 impl<'s, T: DeserializeOwned> Lanes<'s, T> {
@@ -98,6 +101,7 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
             ready: VecDeque::new(),
             next_id: 1,
             client,
+            slots: settings.concurrency.max(1) + settings.prefetch_batches,
         }
     }
 
@@ -281,6 +285,11 @@ impl<'s, T: DeserializeOwned> Lanes<'s, T> {
                 self.ready.remove(i);
                 continue;
             }
+            // The runner's slots (in the handler, and prepared) are all
+            // taken: the next outcome frees one.
+            if st.in_flight.len() >= self.slots {
+                return true;
+            }
             let permit = match batches.try_reserve() {
                 Ok(permit) => permit,
                 Err(TrySendError::Full(())) | Err(TrySendError::Closed(())) => return true,
@@ -343,19 +352,15 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
     // already settled) what is held in memory.
     let mut spans: HashMap<TopicPartition, (i64, i64)> = HashMap::new();
     lanes.buffered(&mut spans);
-    for b in &st.in_flight {
-        for (tp, _, first, end) in &b.ranges {
-            let span = spans.entry(tp.clone()).or_insert((*first, *end));
-            *span = (span.0.min(*first), span.1.max(*end));
-        }
-    }
-    for (tp, span) in spans.iter_mut() {
-        if let Some(open) = st.tracker.first_open(tp) {
-            span.0 = span.0.min(open);
-        }
-        if let Some(end) = st.tracker.handed_end(tp) {
-            span.1 = span.1.max(end);
-        }
+    // What was handed out (in flight, or under `ordering = "key"` read and
+    // split) is in the tracker, from its first open record to its end.
+    for tp in st.tracker.partitions() {
+        let (Some(open), Some(end)) = (st.tracker.first_open(&tp), st.tracker.handed_end(&tp))
+        else {
+            continue;
+        };
+        let span = spans.entry(tp).or_insert((open, end));
+        *span = (span.0.min(open), span.1.max(end));
     }
     let counts: HashMap<TopicPartition, usize> = spans
         .into_iter()

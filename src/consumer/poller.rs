@@ -39,6 +39,9 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(50);
 /// pausing (and polling on) is what keeps a slow handler's consumer in its
 /// group. Rebalance callbacks wait at most this long.
 const PAUSE_AFTER: Duration = Duration::from_millis(1000);
+/// How long the poller waits for an outcome, rather than polling, while
+/// batches wait for their lanes: new records are looked at this often.
+const LANE_WAIT: Duration = Duration::from_millis(5);
 /// While records are ready without waiting, the clock is read once every
 /// this many (see `run`).
 const RECORDS_PER_CLOCK_READ: u32 = 32;
@@ -93,6 +96,8 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     // no time passes in it that the clock must catch up with.
     let mut streaming = false;
     let mut unclocked: u32 = 0;
+    // True while batches wait for their lanes and outcomes are due.
+    let mut lane_wait = false;
 
     let outcome = loop {
         // The runner's outcomes and commands, commits, retries and handing
@@ -128,13 +133,18 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             let shutting_down = shared.stopping.load(Ordering::Acquire) || st.handler_failed;
             let draining = failure.is_some();
             let waiting = !shutting_down && lanes.hand_over(&batches, &mut st, &shared);
-            cap_partitions(
-                &consumer,
-                &mut st,
-                &lanes,
-                &shared,
-                settings.max_in_flight_records,
-            );
+            // The cap is looked at when the clock is read (a few dozen
+            // records apart while they stream): counting is per partition,
+            // not per record, and a cap passed by a few dozen is still a bound.
+            if unclocked == 0 {
+                cap_partitions(
+                    &consumer,
+                    &mut st,
+                    &lanes,
+                    &shared,
+                    settings.max_in_flight_records,
+                );
+            }
             if let Some(limit) = long_batch {
                 warn_long_batches(&mut st, &shared, now, limit);
             }
@@ -158,9 +168,19 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
                 now = Instant::now();
                 continue;
             }
+            // Batches wait for their lanes (a partition's or a key's batch in
+            // the handler): the outcome that frees one is what to wait for.
+            // A poll would sleep through it; so wait for outcomes a little,
+            // then poll without waiting.
+            lane_wait =
+                !shutting_down && !draining && !lanes.ready_is_empty() && !st.in_flight.is_empty();
+            if lane_wait && !streaming {
+                st.wait_one(LANE_WAIT, &consumer, &shared);
+                now = Instant::now();
+            }
         }
 
-        let wait = if streaming {
+        let wait = if streaming || lane_wait {
             Duration::ZERO
         } else if shared.stopping.load(Ordering::Acquire)
             || failure.is_some()

@@ -35,7 +35,7 @@ pub(super) struct Shared {
     /// The batches in the handler now, with when each started: the runner
     /// writes it, the poller reads it to report batches that run long. Not
     /// under the state lock, which a revoke holds while it waits for them.
-    pub(super) running: Mutex<Vec<(u64, Instant)>>,
+    pub(super) running: Mutex<HashMap<u64, Instant>>,
     /// The library's own retry topic, when the chain has `retry_topic`.
     pub(super) retry_topic: Option<String>,
     /// Each assigned partition's current generation, as in the tracker. The
@@ -68,6 +68,7 @@ impl Shared {
                 seeks: Vec::new(),
                 backoff: HashMap::new(),
                 capped: HashSet::new(),
+                busy_lanes: Default::default(),
                 redeliveries: Vec::new(),
                 keyed_redeliveries: Vec::new(),
                 expectations: Vec::new(),
@@ -78,7 +79,7 @@ impl Shared {
             metrics: ConsumerMetrics::new(&settings.service),
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
-            running: Mutex::new(Vec::new()),
+            running: Mutex::new(HashMap::new()),
             retry_topic: settings.failure.retry_topic_name().map(str::to_owned),
             generations: Mutex::new(HashMap::new()),
         }
@@ -125,9 +126,9 @@ impl Shared {
     pub(super) fn running(&self, id: u64, started: bool) {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if started {
-            running.push((id, Instant::now()));
+            running.insert(id, Instant::now());
         } else {
-            running.retain(|(batch, _)| *batch != id);
+            running.remove(&id);
         }
     }
 
@@ -148,6 +149,8 @@ pub(super) struct PollerState {
     pub(super) seeks: Vec<PendingSeek>,
     /// Partitions paused until a retry is due.
     pub(super) backoff: HashMap<TopicPartition, Instant>,
+    /// Under `ordering = "key"`: the lanes of the batches in flight.
+    pub(super) busy_lanes: super::batch::pieces::LaneSet,
     /// Partitions paused at `max_in_flight_records`, until half are settled.
     pub(super) capped: HashSet<TopicPartition>,
     /// Partitions to be read again after a rewind, for the poller to take.

@@ -19,9 +19,43 @@ use crate::envelope::{DecodeError, RawRecord};
 use crate::failure::record::KeptRecord;
 use crate::offsets::{Generation, TopicPartition};
 
-/// What must be handled in order: a partition's records of one key, or
-/// (`None`) its records without a usable key.
-pub(crate) type LaneKey = (TopicPartition, Option<u64>);
+/// What must be handled in order: a partition's records of one key, or its
+/// records without a usable key; a hash of the topic, the partition and
+/// the key (two keys sharing one share a lane, which keeps each in order
+/// and only runs them one after the other).
+pub(crate) type LaneKey = u64;
+
+/// Sets and maps of lanes: the key is a hash already, used as it is.
+pub(crate) type LaneSet = std::collections::HashSet<LaneKey, PassHash>;
+type LaneMap<V> = HashMap<LaneKey, V, PassHash>;
+
+/// A hasher for keys that are hashes: it keeps the `u64` written to it.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct PassHash;
+
+impl std::hash::BuildHasher for PassHash {
+    type Hasher = Pass;
+    fn build_hasher(&self) -> Pass {
+        Pass(0)
+    }
+}
+
+pub(crate) struct Pass(u64);
+
+impl Hasher for Pass {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64s are hashed here; anything else still hashes.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// The lanes of a piece or of a batch merged from pieces, and the records
 /// it settles when it finishes.
@@ -42,12 +76,12 @@ pub(crate) struct Read {
     pub open: Vec<i64>,
 }
 
-/// A key's lane: a hash of it (two keys sharing one share a lane, which
-/// keeps each in order and only runs them one after the other).
-pub(crate) fn lane_of(tp: &TopicPartition, key: &str) -> LaneKey {
+/// The lane of a key of a partition (`None`: the keyless lane).
+pub(crate) fn lane_of(tp: &TopicPartition, key: Option<&str>) -> LaneKey {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    tp.hash(&mut hasher);
     key.hash(&mut hasher);
-    (tp.clone(), Some(hasher.finish()))
+    hasher.finish()
 }
 
 impl<T> Batch<T> {
@@ -72,7 +106,7 @@ impl<T> Batch<T> {
             })
             .collect::<Vec<_>>();
         let mut pieces: Vec<(LaneKey, Batch<T>)> = Vec::new();
-        let mut index: HashMap<LaneKey, usize> = HashMap::new();
+        let mut index: LaneMap<usize> = LaneMap::default();
         let ranges = self.ranges;
         let range_of = |topic: &str, partition: i32| {
             ranges
@@ -80,7 +114,7 @@ impl<T> Batch<T> {
                 .position(|r| r.tp.partition == partition && &*r.tp.topic == topic)
         };
         let mut piece_for = |lane: LaneKey, range: usize, pieces: &mut Vec<(LaneKey, Batch<T>)>| {
-            *index.entry(lane.clone()).or_insert_with(|| {
+            *index.entry(lane).or_insert_with(|| {
                 let r = &ranges[range];
                 let mut piece = Batch::empty(0, 0);
                 piece.ranges.push(BatchRange {
@@ -92,7 +126,7 @@ impl<T> Batch<T> {
                     subscribed: r.subscribed,
                 });
                 piece.keyed = Some(Keyed {
-                    lanes: vec![lane.clone()],
+                    lanes: vec![lane],
                     settle: vec![(r.tp.clone(), r.generation, Vec::new())],
                 });
                 pieces.push((lane, piece));
@@ -109,7 +143,7 @@ impl<T> Batch<T> {
                 continue;
             };
             let offset = message.origin().map_or(0, |o| o.offset);
-            let lane = lane_of(&ranges[range].tp, &message.id);
+            let lane = lane_of(&ranges[range].tp, Some(&message.id));
             let i = piece_for(lane, range, &mut pieces);
             let piece = &mut pieces[i].1;
             note(piece, offset);
@@ -124,7 +158,7 @@ impl<T> Batch<T> {
                 continue;
             };
             let offset = rejected.error.offset;
-            let lane = (ranges[range].tp.clone(), None);
+            let lane = lane_of(&ranges[range].tp, None);
             let i = piece_for(lane, range, &mut pieces);
             let piece = &mut pieces[i].1;
             note(piece, offset);

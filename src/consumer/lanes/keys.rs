@@ -9,13 +9,13 @@
 //! own, at the front, due after its wait: its key waits for it, other keys
 //! do not, and the partition is never sought back.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::super::batch::pieces::{LaneKey, Read};
+use super::super::batch::pieces::{LaneKey, LaneSet, Read};
 use super::super::batch::{Batch, BatchBuilder, BatchRange};
 use super::super::policy::Chain;
 use super::super::state::{InFlight, PollerState, Shared};
@@ -38,6 +38,10 @@ pub(in crate::consumer) struct KeyQueue<T> {
     /// an open offset that only its own delivery settles).
     redo: BatchBuilder<T>,
     batch_size: usize,
+    /// Batches the runner may hold: in the handler, and in the channel.
+    slots: usize,
+    /// Messages in `pieces`.
+    pending: usize,
 }
 
 impl<T: DeserializeOwned> KeyQueue<T> {
@@ -49,6 +53,8 @@ impl<T: DeserializeOwned> KeyQueue<T> {
             unregistered: Vec::new(),
             redo: BatchBuilder::new(&plain).with_chain(chain).keyed(chain),
             batch_size: settings.batch_size,
+            slots: settings.concurrency.max(1) + settings.prefetch_batches,
+            pending: 0,
         }
     }
 
@@ -56,6 +62,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
     pub fn split(&mut self, batch: Batch<T>) {
         let (pieces, reads) = batch.split_by_key();
         self.unregistered.extend(reads);
+        self.pending += pieces.iter().map(|(_, b)| b.message_count()).sum::<usize>();
         self.pieces
             .extend(pieces.into_iter().map(|(lane, batch)| Piece {
                 lane,
@@ -74,6 +81,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
 
     pub fn drop_stale(&mut self, tracker: &OffsetTracker) {
         self.pieces.retain_mut(|p| p.batch.drop_stale(tracker));
+        self.pending = self.pieces.iter().map(|p| p.batch.message_count()).sum();
         self.unregistered
             .retain(|r| tracker.generation(&r.tp) == Some(r.generation));
     }
@@ -102,6 +110,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
             }
             let (pieces, _already_registered) = self.redo.cut(now).split_by_key();
             for (lane, batch) in pieces.into_iter().rev() {
+                self.pending += batch.message_count();
                 self.pieces.push_front(Piece {
                     lane,
                     batch,
@@ -128,26 +137,32 @@ impl<T: DeserializeOwned> KeyQueue<T> {
                     .handed_out_open(&read.tp, read.first, read.end, &read.open);
             }
         }
-        self.pieces.retain_mut(|p| p.batch.drop_stale(&st.tracker));
-        // Keys with a batch in the handler, or an earlier piece waiting.
-        let mut blocked: HashSet<LaneKey> = st
-            .in_flight
-            .iter()
-            .filter_map(|b| b.keyed.as_ref())
-            .flat_map(|k| k.lanes.iter().cloned())
-            .collect();
+        // (Pieces of partitions revoked since were dropped when the poller
+        // saw the rebalance; one stale by a race is dropped by the runner,
+        // and its settlement by the tracker.)
+        // Keys with an earlier piece waiting (those with a batch in the
+        // handler are `st.busy_lanes`).
+        let mut blocked = LaneSet::default();
         let now = Instant::now();
         loop {
+            if st.in_flight.len() >= self.slots {
+                return self.any_may_go(&st.busy_lanes, &blocked, now);
+            }
             let permit = match batches.try_reserve() {
                 Ok(permit) => permit,
                 Err(TrySendError::Full(())) | Err(TrySendError::Closed(())) => {
-                    return self.any_may_go(&blocked, now);
+                    return self.any_may_go(&st.busy_lanes, &blocked, now);
                 }
             };
-            let mut batch = Batch::empty(*next_id, self.batch_size);
-            let mut taken: HashSet<LaneKey> = HashSet::new();
+            // With more free slots than full batches waiting, smaller
+            // batches: more keys run at once (a batch's records are often
+            // handled one after the other).
+            let free = self.slots.saturating_sub(st.in_flight.len()).max(1);
+            let size = self.pending.div_ceil(free).clamp(1, self.batch_size);
+            let mut batch = Batch::empty(*next_id, size);
+            let mut taken = LaneSet::default();
             let mut i = 0;
-            while i < self.pieces.len() && batch.message_count() < self.batch_size {
+            while i < self.pieces.len() && batch.message_count() < size {
                 let piece = &self.pieces[i];
                 let joins = taken.contains(&piece.lane);
                 if !joins && (blocked.contains(&piece.lane) || piece.due.is_some_and(|d| d > now)) {
@@ -160,6 +175,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
                     break;
                 };
                 taken.insert(piece.lane);
+                self.pending -= piece.batch.message_count();
                 batch.merge(piece.batch);
             }
             if !batch.has_work() {
@@ -167,7 +183,7 @@ impl<T: DeserializeOwned> KeyQueue<T> {
             }
             *next_id += 1;
             batch.client = client;
-            blocked.extend(taken);
+            st.busy_lanes.extend(taken);
             let keyed = batch.keyed.take();
             st.in_flight.push(InFlight {
                 id: batch.id,
@@ -185,14 +201,15 @@ impl<T: DeserializeOwned> KeyQueue<T> {
         }
     }
 
-    fn any_may_go(&self, blocked: &HashSet<LaneKey>, now: Instant) -> bool {
-        let mut waiting: HashSet<&LaneKey> = HashSet::new();
+    fn any_may_go(&self, busy: &LaneSet, blocked: &LaneSet, now: Instant) -> bool {
+        let mut waiting = LaneSet::default();
         for piece in &self.pieces {
             if waiting.contains(&piece.lane) {
                 continue;
             }
-            if blocked.contains(&piece.lane) || piece.due.is_some_and(|d| d > now) {
-                waiting.insert(&piece.lane);
+            let held = busy.contains(&piece.lane) || blocked.contains(&piece.lane);
+            if held || piece.due.is_some_and(|d| d > now) {
+                waiting.insert(piece.lane);
                 continue;
             }
             return true;

@@ -235,6 +235,11 @@ impl PollerState {
     ) -> Option<InFlight> {
         let i = self.in_flight.iter().position(|b| b.id == batch)?;
         let done = self.in_flight.swap_remove(i);
+        if let Some(keyed) = &done.keyed {
+            for lane in &keyed.lanes {
+                self.busy_lanes.remove(lane);
+            }
+        }
         self.publish_in_flight(shared);
         Some(done)
     }
