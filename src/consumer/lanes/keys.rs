@@ -165,9 +165,10 @@ impl<T: DeserializeOwned> KeyQueue<T> {
             while i < self.pieces.len() && batch.message_count() < size {
                 let piece = &self.pieces[i];
                 let joins = taken.contains(&piece.lane);
-                if !joins && (blocked.contains(&piece.lane) || piece.due.is_some_and(|d| d > now)) {
+                let busy = st.busy_lanes.contains(&piece.lane) || blocked.contains(&piece.lane);
+                if !joins && (busy || piece.due.is_some_and(|d| d > now)) {
                     // Its later pieces wait behind it.
-                    blocked.insert(piece.lane.clone());
+                    blocked.insert(piece.lane);
                     i += 1;
                     continue;
                 }
