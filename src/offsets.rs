@@ -307,6 +307,28 @@ impl OffsetTracker {
         held
     }
 
+    /// Marks offsets `from..to` of `tp`, handed out in `generation`, settled
+    /// (a manual commit reaching into a batch in the handler).
+    pub fn settle_range(
+        &mut self,
+        tp: &TopicPartition,
+        generation: Generation,
+        from: i64,
+        to: i64,
+    ) {
+        let Some(p) = self.partitions.get_mut(tp) else {
+            return;
+        };
+        for range in p
+            .handed_out
+            .iter_mut()
+            .filter(|r| r.generation == generation)
+        {
+            range.settle(from, to);
+        }
+        self.uncommitted |= p.advance();
+    }
+
     /// Marks every record of `tp` handed out before `offset` settled (a
     /// manual commit of an offset: the caller says all of them were dealt
     /// with). Records not handed out are not: the watermark stops at the

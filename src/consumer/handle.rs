@@ -83,8 +83,11 @@ impl ConsumerHandle {
 
     /// Commits by hand, for a consumer with `consumer.commit = false`: each
     /// `(topic, partition, offset)` says that every record of that partition
-    /// before `offset` (the next offset to read) that this consumer handed
-    /// out was dealt with. Returns when the broker answered.
+    /// before `offset` (the next offset to read) that the handler was given
+    /// was dealt with: those of the batches in the handler now, and of those
+    /// it returned. Batches prepared and not yet given to the handler are
+    /// not (with `concurrency` above 1 or `prefetch_batches`, some may be).
+    /// Returns when the broker answered.
     ///
     /// Like every commit, it goes through the consumer's offset tracker: it
     /// commits each partition's contiguous run of settled records, so never

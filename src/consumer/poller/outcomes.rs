@@ -78,11 +78,7 @@ impl PollerState {
                 // settles, and then the contiguous watermarks, never past a
                 // record that is not settled.
                 match settle {
-                    Settle::Before(offsets) => {
-                        for (tp, offset) in offsets {
-                            self.tracker.settle_before(&tp, offset);
-                        }
-                    }
+                    Settle::Before(offsets) => self.settle_given_before(&offsets, shared),
                     Settle::Records(records) => {
                         for (tp, generation, offsets) in records {
                             let held = self.tracker.settle_records(&tp, generation, offsets);
@@ -157,6 +153,47 @@ impl PollerState {
         if rewound {
             // The poller drops what it buffered of the rewound partitions.
             shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A manual commit of offsets: settles, before each offset, the records
+    /// of the batches the handler was given and has not finished (those it
+    /// finished are settled already). Never the batches prepared and not
+    /// yet given to it, nor records read and not handed over: the caller
+    /// can only have dealt with what it saw.
+    fn settle_given_before(&mut self, offsets: &[(TopicPartition, i64)], shared: &Shared) {
+        let started: Vec<u64> = shared
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        for batch in self.in_flight.iter().filter(|b| started.contains(&b.id)) {
+            for (tp, offset) in offsets {
+                match &batch.keyed {
+                    Some(keyed) => {
+                        for (t, generation, records) in &keyed.settle {
+                            if t == tp {
+                                let before = records.iter().copied().filter(|o| o < offset);
+                                self.tracker.settle_records(tp, *generation, before);
+                            }
+                        }
+                    }
+                    None => {
+                        for (t, generation, first, end) in &batch.ranges {
+                            if t == tp {
+                                self.tracker.settle_range(
+                                    tp,
+                                    *generation,
+                                    *first,
+                                    (*end).min(*offset),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
