@@ -13,6 +13,9 @@
 //! `BENCH_JOBS` is a comma-separated list of `consume-raw`, `consume-library`,
 //! `consume-clients` (kafka-batch with `consumer.clients = 2`: two poller
 //! threads decoding), `consume-peer`, `produce` (default: all five).
+//! `BENCH_CONCURRENCY` sets the library's `consumer.concurrency` (default:
+//! its number of clients). Consume rates run from each run's first record,
+//! so the group join is not counted.
 //!
 //! The raw consume side is three hand-written at-least-once loops
 //! (`common::RawCommit`): committing synchronously per batch, asynchronously
@@ -134,10 +137,14 @@ impl Measure {
 async fn measure<F: std::future::Future<Output = anyhow::Result<usize>>>(
     job: F,
 ) -> anyhow::Result<Measure> {
+    common::reset_first_record();
     let (cpu0, wall0) = (cpu_time(), Instant::now());
     let records = job.await?;
+    // From the first record on: joining the group is not consuming (two
+    // members joining the embedded broker's group at once take seconds).
+    let start = common::first_record_at().unwrap_or(wall0);
     Ok(Measure {
-        wall: wall0.elapsed(),
+        wall: start.elapsed(),
         cpu: cpu_time().saturating_sub(cpu0),
         records,
     })
@@ -203,7 +210,14 @@ async fn library_consume(
     // Two clients: two poller threads decode; two batches may be in the
     // (counting) handler at once, one per client's partitions.
     settings.clients = clients;
-    settings.concurrency = clients;
+    settings.concurrency = std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(clients);
+    // The second client's join is a rebalance, which the first learns of
+    // at its next heartbeat (3 s by default): part of starting, not of
+    // consuming, so heartbeats come often here.
+    settings.kafka.set("heartbeat.interval.ms", "100");
     settings.kafka.set("auto.offset.reset", "earliest");
     if let Some(p) = std::env::var("BENCH_PREFETCH")
         .ok()
@@ -370,6 +384,13 @@ fn report(job: &str, raw: Measure, library: Measure, library_label: &str) {
 fn main() -> anyhow::Result<()> {
     if broker::serve_if_child()? {
         return Ok(());
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The consumer's own log, for looking into a slow run.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
     let records: usize = std::env::var("BENCH_RECORDS")
         .ok()

@@ -23,6 +23,33 @@ pub struct PlainEnvelope<T> {
     hist: serde::de::IgnoredAny,
 }
 
+/// When the run being measured got its first record (see [`first_record`]).
+static FIRST_RECORD: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+static SEEN_FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes that the run being measured has its first record: the rate is
+/// measured from here, so that joining the group (seconds on the embedded
+/// broker when two members join at once) is not counted as consuming.
+#[allow(dead_code)]
+pub fn first_record() {
+    if !SEEN_FIRST.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        *FIRST_RECORD.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+}
+
+/// Starts a measured run: forgets the last run's first record.
+#[allow(dead_code)]
+pub fn reset_first_record() {
+    SEEN_FIRST.store(false, std::sync::atomic::Ordering::Relaxed);
+    *FIRST_RECORD.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// When the measured run got its first record, if it got one.
+#[allow(dead_code)]
+pub fn first_record_at() -> Option<std::time::Instant> {
+    *FIRST_RECORD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How a hand-written at-least-once consume loop commits.
 #[allow(dead_code)] // the codec bench includes this module but consumes nothing
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +118,7 @@ pub fn raw_consume_loop(
             None => {}
             Some(Err(e)) => anyhow::bail!("raw consumer: {e}"),
             Some(Ok(m)) => {
+                first_record();
                 let envelope: PlainEnvelope<Event> =
                     serde_json::from_slice(m.payload().unwrap_or_default())?;
                 std::hint::black_box((m.key(), envelope.item));
@@ -147,6 +175,7 @@ pub async fn library_consume_loop(
     let count = std::sync::atomic::AtomicUsize::new(0);
     consumer
         .process(async |batch: Vec<kafka_batch::Message<Event>>| {
+            first_record();
             let n = std::hint::black_box(batch).len();
             let total = count.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
             if total >= records {

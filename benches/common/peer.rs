@@ -54,6 +54,7 @@ impl Handle<[PlainEnvelope<Event>]> for Count {
         _outs: &(),
         _ctx: &mut Context<'_>,
     ) -> impl Future<Output = Result<(), Vec<HandlerOutcome>>> {
+        crate::common::first_record();
         let counted = self
             .count
             .fetch_add(std::hint::black_box(batch).len(), Ordering::Relaxed)
