@@ -223,11 +223,11 @@ impl Consumer {
                     let _ = done_tx.send(result);
                 });
             match thread {
-                Ok(thread) => pollers.push((thread, done_rx)),
+                Ok(thread) => pollers.push((Some(thread), done_rx)),
                 Err(e) => {
                     shared.stopping.store(true, Ordering::Release);
                     pollers.push((
-                        std::thread::spawn(|| {}),
+                        None,
                         oneshot_with(Err(Error::Internal(format!(
                             "cannot start a poller thread: {e}"
                         )))),
@@ -257,7 +257,9 @@ impl Consumer {
             let result = done
                 .await
                 .unwrap_or_else(|_| Err(Error::Internal("a poller thread panicked".into())));
-            let _ = thread.join();
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
             if let Err(e) = result {
                 if failure.is_some() || poller_error.is_some() {
                     tracing::error!(error = %e, "the consumer also failed while stopping");
