@@ -14,7 +14,8 @@
 //! `consume-clients` (kafka-batch with `consumer.clients = 2`: two poller
 //! threads decoding), `consume-peer`, `produce` (default: all five).
 //! `BENCH_CONCURRENCY` sets the library's `consumer.concurrency` (default:
-//! its number of clients). Consume rates run from each run's first record,
+//! its number of clients); `BENCH_COMMIT_INTERVAL_MS` its
+//! `consumer.commit_interval_ms` (0: a synchronous commit per batch). Consume rates run from each run's first record,
 //! so the group join is not counted.
 //!
 //! The raw consume side is three hand-written at-least-once loops
@@ -224,6 +225,14 @@ async fn library_consume(
         .and_then(|p| p.parse().ok())
     {
         settings.prefetch_batches = p;
+    }
+    // `BENCH_COMMIT_INTERVAL_MS=0`: a synchronous commit whenever a batch
+    // settles, as before the interval commit, for what that costs.
+    if let Some(ms) = std::env::var("BENCH_COMMIT_INTERVAL_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        settings.commit_interval_ms = ms;
     }
     common::library_consume_loop(&settings, records).await
 }

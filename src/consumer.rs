@@ -24,6 +24,7 @@ mod policy;
 mod poller;
 mod rebalance;
 mod retry;
+mod revoke;
 mod runner;
 mod state;
 mod stats;

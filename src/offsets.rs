@@ -115,6 +115,11 @@ struct PartitionOffsets {
     watermark: Option<i64>,
     /// The last offset committed for this generation.
     committed: Option<i64>,
+    /// The last offset stored for librdkafka's interval commit (at least
+    /// `committed` once anything was committed).
+    stored: Option<i64>,
+    /// Being revoked: nothing more is handed out, what was settles.
+    revoking: bool,
 }
 
 impl PartitionOffsets {
@@ -165,6 +170,9 @@ pub struct OffsetTracker {
     /// committable offsets after every poll, and this keeps that free when
     /// nothing finished.
     uncommitted: bool,
+    /// Some watermark may be ahead of what was stored for the interval
+    /// commit: the same shortcut for [`OffsetTracker::storable`].
+    unstored: bool,
 }
 
 impl OffsetTracker {
@@ -179,6 +187,8 @@ impl OffsetTracker {
                 handed_out: VecDeque::new(),
                 watermark: None,
                 committed: None,
+                stored: None,
+                revoking: false,
             },
         );
         generation
@@ -194,17 +204,30 @@ impl OffsetTracker {
         self.partitions.keys().cloned().collect()
     }
 
-    /// The current generation of `tp`, or `None` when it is not assigned.
+    /// The current generation of `tp`, or `None` when it is not assigned
+    /// or is being revoked: `None` means its records are not handed out.
     pub fn generation(&self, tp: &TopicPartition) -> Option<Generation> {
-        self.partitions.get(tp).map(|p| p.generation)
+        self.partitions
+            .get(tp)
+            .filter(|p| !p.revoking)
+            .map(|p| p.generation)
+    }
+
+    /// Starts revoking `tp`: nothing more of it is handed out (the next
+    /// owner reads it), and what was handed out still settles, until
+    /// [`OffsetTracker::revoke`] forgets it.
+    pub fn begin_revoke(&mut self, tp: &TopicPartition) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.revoking = true;
+        }
     }
 
     /// Records that offsets `first..end` of `tp` were handed out.
     ///
     /// Returns the generation they belong to, or `None` (and records nothing)
-    /// when `tp` is not assigned.
+    /// when `tp` is not assigned or is being revoked.
     pub fn handed_out(&mut self, tp: &TopicPartition, first: i64, end: i64) -> Option<Generation> {
-        let p = self.partitions.get_mut(tp)?;
+        let p = self.partitions.get_mut(tp).filter(|p| !p.revoking)?;
         p.handed_out
             .push_back(HandedOut::new(first, end, false, p.generation));
         Some(p.generation)
@@ -217,7 +240,7 @@ impl OffsetTracker {
     /// in any order and by any number of batches.
     ///
     /// Returns the generation, or `None` (and records nothing) when `tp` is
-    /// not assigned.
+    /// not assigned or is being revoked.
     pub fn handed_out_open(
         &mut self,
         tp: &TopicPartition,
@@ -225,7 +248,7 @@ impl OffsetTracker {
         end: i64,
         open: &[i64],
     ) -> Option<Generation> {
-        let p = self.partitions.get_mut(tp)?;
+        let p = self.partitions.get_mut(tp).filter(|p| !p.revoking)?;
         let mut range = HandedOut::new(first, end, false, p.generation);
         let mut from = first;
         for &offset in open {
@@ -234,7 +257,10 @@ impl OffsetTracker {
         }
         range.settle(from, end);
         p.handed_out.push_back(range);
-        self.uncommitted |= p.advance();
+        if p.advance() {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
         Some(p.generation)
     }
 
@@ -267,7 +293,10 @@ impl OffsetTracker {
             return false;
         };
         range.finished = true;
-        self.uncommitted |= p.advance();
+        if p.advance() {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
         true
     }
 
@@ -303,7 +332,10 @@ impl OffsetTracker {
                 held += 1;
             }
         }
-        self.uncommitted |= p.advance();
+        if p.advance() {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
         held
     }
 
@@ -326,7 +358,10 @@ impl OffsetTracker {
         {
             range.settle(from, to);
         }
-        self.uncommitted |= p.advance();
+        if p.advance() {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
     }
 
     /// Marks every record of `tp` handed out before `offset` settled (a
@@ -340,7 +375,10 @@ impl OffsetTracker {
         for range in p.handed_out.iter_mut() {
             range.settle(range.first, offset);
         }
-        self.uncommitted |= p.advance();
+        if p.advance() {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
     }
 
     /// True while the range of `tp` starting at `first`, handed out in
@@ -379,7 +417,10 @@ impl OffsetTracker {
             p.handed_out
                 .push_back(HandedOut::new(first, upto, true, generation));
         }
-        self.uncommitted |= p.advance();
+        if p.advance() {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
         self.next_generation += 1;
         p.generation = self.next_generation;
         Some(p.generation)
@@ -428,7 +469,40 @@ impl OffsetTracker {
         out
     }
 
-    /// Records a successful commit of `offset` for `tp`.
+    /// Each partition whose watermark is ahead of what was stored for the
+    /// interval commit (or committed), with the offset to store, in
+    /// partition order: what [`OffsetTracker::committable`] is for commits
+    /// made one by one, for commits librdkafka makes on an interval.
+    pub fn storable(&self) -> Vec<(TopicPartition, i64)> {
+        if !self.unstored {
+            return Vec::new();
+        }
+        let mut out: Vec<(TopicPartition, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|(tp, p)| match (p.watermark, p.stored) {
+                (Some(w), Some(s)) if w <= s => None,
+                (Some(w), _) => Some((tp.clone(), w)),
+                (None, _) => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Records that `offset` was stored for `tp`, for librdkafka to commit.
+    pub fn stored(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.stored = Some(p.stored.map_or(offset, |s| s.max(offset)));
+        }
+        self.unstored = self
+            .partitions
+            .values()
+            .any(|p| matches!((p.watermark, p.stored), (Some(w), s) if s.is_none_or(|s| w > s)));
+    }
+
+    /// Records a successful commit of `offset` for `tp` (which was stored
+    /// before it was committed).
     pub fn committed(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(p) = self.partitions.get_mut(tp) {
             p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
@@ -437,6 +511,7 @@ impl OffsetTracker {
             .partitions
             .values()
             .any(|p| matches!((p.watermark, p.committed), (Some(w), c) if c.is_none_or(|c| w > c)));
+        self.stored(tp, offset);
     }
 }
 

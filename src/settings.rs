@@ -195,6 +195,14 @@ pub struct ConsumerSettings {
     /// `false` the library never commits; the handler commits through the
     /// consumer's control handle.
     pub commit: bool,
+    /// How often the settled offsets are committed, in milliseconds. The
+    /// poller stores each partition's settled watermark as it moves (no
+    /// round trip) and librdkafka commits what was stored on this interval,
+    /// so the poller never waits for a commit; revokes, shutdown and manual
+    /// commits still commit synchronously. A crash replays at most this much
+    /// settled work. 0: commit synchronously whenever a watermark moves
+    /// (a round trip that the poller waits for).
+    pub commit_interval_ms: u64,
     /// On a revoke, how long to wait for in-flight batches of the revoked
     /// partitions before giving them up (their records will be read again by
     /// the next owner).
@@ -239,6 +247,7 @@ impl Default for ConsumerSettings {
             clients: 1,
             latest_only: false,
             commit: true,
+            commit_interval_ms: 1_000,
             revoke_timeout_ms: 30_000,
             handler_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
@@ -331,6 +340,9 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.max.bytes", "16777216"),
 ];
 
+/// The longest `consumer.commit_interval_ms` librdkafka takes (a day).
+const MAX_COMMIT_INTERVAL_MS: u64 = 86_400_000;
+
 /// Prefixes of librdkafka properties that only a consumer understands.
 const CONSUMER_ONLY: &[&str] = &[
     "auto.offset.reset",
@@ -365,6 +377,10 @@ const RESERVED: &[(&str, &str)] = &[
     (
         "enable.auto.offset.store",
         "kafka-batch commits explicit offsets; remove it",
+    ),
+    (
+        "auto.commit.interval.ms",
+        "use `consumer.commit_interval_ms` (librdkafka commits on it only the offsets kafka-batch stored as settled)",
     ),
 ];
 
@@ -570,6 +586,13 @@ impl ConsumerSettings {
                 "a partition paused at this cap could never fill a batch; raise it to at least batch_size (a few batches' worth lets batches of one partition be prepared while one is handled)",
             ));
         }
+        if self.commit_interval_ms > MAX_COMMIT_INTERVAL_MS {
+            return Err(SettingsError::invalid(
+                "consumer.commit_interval_ms",
+                format!("({}) is above a day", self.commit_interval_ms),
+                "librdkafka commits at most a day apart; a crash would replay everything settled since the last commit. Use a few seconds at most (1000 by default), or 0 to commit after every batch",
+            ));
+        }
         if let Some(max) = self.max_poll_interval().map(|d| d.as_millis() as u64) {
             if self.revoke_timeout_ms >= max {
                 return Err(SettingsError::invalid(
@@ -619,6 +642,15 @@ impl ConsumerSettings {
         }
         for (k, v) in self.kafka.iter() {
             config.set(k, v);
+        }
+        if self.commit && self.commit_interval_ms > 0 {
+            // librdkafka's interval commit, of only what the poller stored:
+            // each partition's settled watermark (`enable.auto.offset.store`
+            // stays false, so nothing read is stored before it is settled).
+            config.set("enable.auto.commit", "true").set(
+                "auto.commit.interval.ms",
+                self.commit_interval_ms.to_string(),
+            );
         }
         config
             .set("bootstrap.servers", &self.bootstrap_servers)

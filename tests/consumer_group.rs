@@ -219,7 +219,6 @@ async fn shutdown_mid_run_commits_the_batch_in_hand_and_the_next_consumer_starts
 async fn take_over(strategy: &str) {
     let topic = "shared";
     let broker = broker_with(topic, 4);
-    let total = 400;
     let handled: Arc<Mutex<Vec<(char, usize)>>> = Arc::default();
     let make = |name: char| {
         let mut s = consumer_settings(&broker, "group", topic, 10, 200);
@@ -260,17 +259,33 @@ async fn take_over(strategy: &str) {
             .count()
     };
 
+    // Records keep coming until b has handled some, and 20 chunks more
+    // while a leaves: the embedded broker takes seconds to rebalance, and a
+    // alone could otherwise handle every record before b is given a
+    // partition.
+    let b_handles = AtomicBool::new(false);
+    let produced = AtomicUsize::new(0);
+    let produced_all = AtomicBool::new(false);
     let produce = async {
-        for chunk in 0..40 {
+        let mut chunk = 0;
+        let mut tail = None;
+        while tail.is_none_or(|left| left > 0) && chunk < 2_000 {
             produce_numbered(&broker, topic, chunk * 10..chunk * 10 + 10).await;
+            chunk += 1;
+            produced.store(chunk * 10, Ordering::Release);
+            if b_handles.load(Ordering::Acquire) {
+                tail = Some(tail.unwrap_or(20) - 1);
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        produced_all.store(true, Ordering::Release);
     };
     let run_a = tokio::spawn(run_a);
     let drive = async {
         wait_until("a handles a batch", LIMIT, || a_count('a') > 0).await;
         let run_b = tokio::spawn(run_b);
         wait_until("b handles a batch", LIMIT, || a_count('b') > 0).await;
+        b_handles.store(true, Ordering::Release);
         a.shutdown();
         within(LIMIT, run_a)
             .await
@@ -283,7 +298,9 @@ async fn take_over(strategy: &str) {
         let deadline = tokio::time::Instant::now() + LIMIT;
         loop {
             let committed = committed(&broker, "group", topic).await;
-            if committed.values().sum::<i64>() == total as i64 {
+            if produced_all.load(Ordering::Acquire)
+                && committed.values().sum::<i64>() == produced.load(Ordering::Acquire) as i64
+            {
                 break;
             }
             assert!(
@@ -299,6 +316,7 @@ async fn take_over(strategy: &str) {
             .expect("b stops cleanly");
     };
     tokio::join!(produce, drive);
+    let total = produced.load(Ordering::Acquire);
 
     let handled = handled.lock().unwrap().clone();
     let mut counts: BTreeMap<usize, usize> = BTreeMap::new();

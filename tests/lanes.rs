@@ -14,73 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use common::lanes::{committed_to, coords, lane_settings, produce_to};
 use common::*;
 use kafka_batch::settings::FailurePolicy::{Retry, Skip};
 use kafka_batch::settings::HandlingOrder;
-use kafka_batch::testing::EmbeddedBroker;
-use kafka_batch::{Consumer, ConsumerSettings, Failures, Message};
+use kafka_batch::{Consumer, Failures, Message};
 use tokio::sync::Barrier;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// Produces `{"item": {"n": i}}` with key `p{partition}-m{i}` to one partition.
-fn produce_to(broker: &EmbeddedBroker, topic: &str, partition: i32, range: std::ops::Range<usize>) {
-    let keys: Vec<String> = range
-        .clone()
-        .map(|i| format!("p{partition}-m{i}"))
-        .collect();
-    let values: Vec<Vec<u8>> = range
-        .map(|i| format!(r#"{{"item": {{"n": {i}}}}}"#).into_bytes())
-        .collect();
-    let records: Vec<_> = keys
-        .iter()
-        .zip(&values)
-        .map(|(k, v)| (partition, Some(k.as_bytes()), Some(v.as_slice())))
-        .collect();
-    broker
-        .produce_raw(topic, &records)
-        .expect("records produced");
-}
-
-fn lane_settings(
-    broker: &EmbeddedBroker,
-    topic: &str,
-    concurrency: usize,
-    ordering: HandlingOrder,
-) -> ConsumerSettings {
-    let mut s = consumer_settings(broker, "lanes", topic, 10, 100);
-    s.concurrency = concurrency;
-    s.ordering = ordering;
-    s
-}
-
-/// (partition, offset) of each message.
-fn coords(batch: &[Message]) -> Vec<(i32, i64)> {
-    batch
-        .iter()
-        .map(|m| {
-            let o = m.origin().expect("a consumed message has its origin");
-            (o.partition, o.offset)
-        })
-        .collect()
-}
-
-/// Waits until `group` has committed `end` for each partition of `topic`.
-async fn committed_to(broker: &EmbeddedBroker, topic: &str, ends: &[(i32, i64)]) {
-    let want: BTreeMap<i32, i64> = ends.iter().copied().collect();
-    let deadline = std::time::Instant::now() + LIMIT;
-    loop {
-        let now = committed(broker, "lanes", topic).await;
-        if want.iter().all(|(p, end)| now.get(p) == Some(end)) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for commits {want:?}, have {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_of_different_partitions_run_at_once_each_partition_in_order() {
@@ -354,114 +295,4 @@ async fn two_clients_in_one_process_are_two_members_sharing_the_handler_and_the_
     result.expect("process returns Ok after shutdown");
     assert!(handled.into_inner() >= 200, "every record handled");
     assert!(handle.stats().assigned >= 4, "the partitions were assigned");
-}
-
-/// Cooperative rebalance with batches of every partition in the handler:
-/// the revoke waits (up to `revoke_timeout_ms`) for the batches of the
-/// partitions it takes, gives them up when they do not finish, and their
-/// late results are dropped, never committed; the partitions kept keep
-/// their batches, which finish and are committed by their owner. The
-/// batches are held until the new member has its share, which it gets only
-/// after the revoke: so the revoke certainly met them in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoke_with_batches_in_flight_drops_their_late_results_and_keeps_the_others() {
-    let broker = broker_with("events", 4);
-    for p in 0..4 {
-        produce_to(&broker, "events", p, 0..20);
-    }
-    let mut settings = lane_settings(&broker, "events", 4, HandlingOrder::Partition);
-    settings
-        .kafka
-        .set("partition.assignment.strategy", "cooperative-sticky");
-    settings.kafka.set("heartbeat.interval.ms", "300");
-    settings.kafka.set("session.timeout.ms", "6000");
-    settings.kafka.set("max.poll.interval.ms", "10000");
-    settings.revoke_timeout_ms = 2000;
-    let first = Consumer::new(&settings).unwrap();
-    let first_handle = first.handle();
-    let second = Consumer::new(&settings).unwrap();
-    let second_handle = second.handle();
-    let held = AtomicUsize::new(0);
-    let release = tokio::sync::Notify::new();
-    let by_first: Mutex<Vec<(i32, i64)>> = Mutex::default();
-    let by_second: Mutex<Vec<(i32, i64)>> = Mutex::default();
-    let run_first = first.process(async |batch: Vec<Message>| {
-        let at = coords(&batch);
-        if at.iter().any(|(_, o)| *o == 0) {
-            let waiting = release.notified();
-            held.fetch_add(1, Ordering::SeqCst);
-            waiting.await;
-        }
-        by_first.lock().unwrap().extend(at);
-        anyhow::Ok(())
-    });
-    let run_second = async {
-        wait_until(
-            "the first member holds a batch of every partition",
-            LIMIT,
-            || held.load(Ordering::SeqCst) == 4,
-        )
-        .await;
-        second
-            .process(async |batch: Vec<Message>| {
-                by_second.lock().unwrap().extend(coords(&batch));
-                anyhow::Ok(())
-            })
-            .await
-    };
-    let moved: Mutex<BTreeSet<i32>> = Mutex::default();
-    let test = async {
-        wait_until("the second member has its two partitions", LIMIT, || {
-            second_handle
-                .assignments()
-                .first()
-                .is_some_and(|held| held.len() == 2)
-        })
-        .await;
-        *moved.lock().unwrap() = second_handle.assignments()[0]
-            .iter()
-            .map(|tp| tp.partition)
-            .collect();
-        release.notify_waiters();
-        committed_to(&broker, "events", &[(0, 20), (1, 20), (2, 20), (3, 20)]).await;
-        first_handle.shutdown();
-        second_handle.shutdown();
-    };
-    let (a, b, ()) = within(LIMIT, async { tokio::join!(run_first, run_second, test) }).await;
-    a.expect("the first member returns Ok");
-    b.expect("the second member returns Ok");
-
-    let moved = moved.into_inner().unwrap();
-    let by_first = by_first.into_inner().unwrap();
-    let by_second = by_second.into_inner().unwrap();
-    for p in 0..4 {
-        let second_saw: BTreeSet<i64> = by_second
-            .iter()
-            .filter(|(q, _)| *q == p)
-            .map(|(_, o)| *o)
-            .collect();
-        if moved.contains(&p) {
-            assert_eq!(
-                second_saw,
-                (0..20).collect(),
-                "partition {p} moved: its new owner read it all, the old owner's late batch was not committed"
-            );
-        } else {
-            assert!(
-                second_saw.is_empty(),
-                "partition {p} stayed: {second_saw:?}"
-            );
-            let first_saw: Vec<i64> = by_first
-                .iter()
-                .filter(|(q, _)| *q == p)
-                .map(|(_, o)| *o)
-                .collect();
-            assert_eq!(
-                first_saw,
-                (0..20).collect::<Vec<i64>>(),
-                "partition {p} stayed with its owner, handled once in order"
-            );
-        }
-    }
-    assert_eq!(moved.len(), 2);
 }

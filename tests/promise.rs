@@ -38,7 +38,7 @@ async fn the_promise_holds_in_random_scenarios() {
         restarts += summary.restarts;
         let _ = writeln!(
             std::io::stderr(),
-            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, {:.1}s, {}",
+            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, commit interval {} ms, {:.1}s, {}",
             summary.records,
             summary.calls,
             summary.faults,
@@ -46,6 +46,7 @@ async fn the_promise_holds_in_random_scenarios() {
             sc.clients,
             sc.concurrency,
             sc.ordering,
+            sc.commit_interval_ms,
             summary.seconds,
             if summary.violations.is_empty() {
                 "ok".to_string()

@@ -18,8 +18,28 @@ pub(super) const COMMIT_RETRY: Duration = Duration::from_millis(500);
 /// Attempts at the last commit before the consumer closes.
 const FINAL_COMMIT_ATTEMPTS: u32 = 5;
 
-/// Commits every partition whose finished run moved since the last commit.
+/// Hands over every partition whose finished run moved: stored for
+/// librdkafka's interval commit (no round trip), or, with
+/// `commit_interval_ms = 0`, committed now.
 pub(super) fn commit_finished(
+    consumer: &BaseConsumer<PollerContext>,
+    st: &mut PollerState,
+    shared: &Shared,
+) -> Result<(), KafkaError> {
+    if !shared.commit {
+        return Ok(());
+    }
+    if shared.interval_commit {
+        store_finished(consumer, st)
+    } else {
+        commit_finished_now(consumer, st, shared)
+    }
+}
+
+/// Commits every partition whose finished run moved since the last commit,
+/// and waits for the broker: where the promise needs to know (a revoke, the
+/// shutdown) or where the settings ask for it.
+pub(super) fn commit_finished_now(
     consumer: &BaseConsumer<PollerContext>,
     st: &mut PollerState,
     shared: &Shared,
@@ -35,7 +55,54 @@ pub(super) fn commit_finished(
     Ok(())
 }
 
+/// Stores each moved watermark for librdkafka's interval commit. A store is
+/// local (no request), and librdkafka commits only stored offsets, so what
+/// it commits is never past a record that was not dealt with.
+fn store_finished(
+    consumer: &BaseConsumer<PollerContext>,
+    st: &mut PollerState,
+) -> Result<(), KafkaError> {
+    let offsets = st.tracker.storable();
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let tpl = offset_list(&offsets)?;
+    let result = consumer.store_offsets(&tpl);
+    // librdkafka answers per partition (and fails the call only when none
+    // was stored): a partition it refused is stored again on the next try.
+    let mut refused = None;
+    for (tp, offset) in &offsets {
+        match tpl
+            .find_partition(&tp.topic, tp.partition)
+            .map(|e| e.error())
+        {
+            Some(Ok(())) if result.is_ok() => st.tracker.stored(tp, *offset),
+            Some(Err(e)) => refused = Some(e),
+            _ => {}
+        }
+    }
+    match (result, refused) {
+        (Err(e), _) | (Ok(()), Some(e)) => {
+            tracing::warn!(error = %e, offsets = %describe(&offsets), "storing settled offsets for the interval commit failed; it will be retried");
+            Err(e)
+        }
+        (Ok(()), None) => Ok(()),
+    }
+}
+
+fn offset_list(offsets: &[(TopicPartition, i64)]) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (tp, offset) in offsets {
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
+    }
+    Ok(tpl)
+}
+
 /// Commits exactly these offsets (the next offset to read), synchronously.
+///
+/// They are stored first, so that librdkafka's own commits (on its interval,
+/// and of the partitions it gives up in a rebalance) carry the same offsets
+/// and never an older one.
 pub(super) fn commit_offsets(
     consumer: &BaseConsumer<PollerContext>,
     offsets: &[(TopicPartition, i64)],
@@ -44,28 +111,65 @@ pub(super) fn commit_offsets(
     if offsets.is_empty() {
         return Ok(());
     }
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for (tp, offset) in offsets {
-        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
+    let tpl = offset_list(offsets)?;
+    if shared.interval_commit {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::debug!(error = %e, "storing offsets before committing them failed; committing them anyway");
+        }
     }
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => {
-            shared.metrics.commits.increment(1);
-            if shared.stats.commits.fetch_add(1, Ordering::Relaxed) == 0 {
-                tracing::info!(offsets = %describe(offsets), "first offsets committed");
-            }
-            tracing::debug!(offsets = ?offsets, "offsets committed");
+            committed(shared, offsets);
             Ok(())
         }
         // Nothing new to commit is not a failure.
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
         Err(e) => {
-            shared.metrics.commit_failures.increment(1);
-            shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, offsets = ?offsets, "offset commit failed; it will be retried");
+            commit_failed(shared, &e, offsets);
             Err(e)
         }
     }
+}
+
+/// What librdkafka's interval commit answered (inside `poll`, on the poller
+/// thread): counted and logged like a commit made here. A failed one is
+/// made again on the next interval, since what was stored is still ahead
+/// of what was committed.
+pub(super) fn interval_commit_answered(
+    shared: &Shared,
+    result: Result<(), KafkaError>,
+    tpl: &TopicPartitionList,
+) {
+    let offsets: Vec<(TopicPartition, i64)> = tpl
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
+            _ => None,
+        })
+        .collect();
+    let refused = tpl.elements().iter().find_map(|e| e.error().err());
+    match (result, refused) {
+        (Ok(()), None) => committed(shared, &offsets),
+        (Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)), _) => {}
+        (Err(e), _) | (Ok(()), Some(e)) => {
+            commit_failed(shared, &e, &offsets);
+        }
+    }
+}
+
+fn committed(shared: &Shared, offsets: &[(TopicPartition, i64)]) {
+    shared.metrics.commits.increment(1);
+    if shared.stats.commits.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::info!(offsets = %describe(offsets), "first offsets committed");
+    }
+    tracing::debug!(offsets = ?offsets, "offsets committed");
+}
+
+fn commit_failed(shared: &Shared, error: &KafkaError, offsets: &[(TopicPartition, i64)]) {
+    shared.metrics.commit_failures.increment(1);
+    shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(error = %error, offsets = %describe(offsets), "offset commit failed; it will be retried");
 }
 
 /// `topic[partition]=offset,...` for a log line.
@@ -107,7 +211,7 @@ pub(super) fn final_commit(
         let result = {
             let mut st = shared.lock();
             st.drain(consumer, shared);
-            commit_finished(consumer, &mut st, shared)
+            commit_finished_now(consumer, &mut st, shared)
         };
         match result {
             Ok(()) => return Ok(()),

@@ -170,7 +170,8 @@ impl ConsumerHandle {
 
     /// The partitions each client holds now, in client order (one list
     /// with `consumer.clients = 1`), each sorted. Empty before the group
-    /// assigned any, and while a rebalance moves them.
+    /// assigned any, and while a rebalance moves them; a partition being
+    /// revoked (its batches in the handler finishing) is left out.
     ///
     /// ```no_run
     /// # async fn run(consumer: kafka_batch::Consumer) {
@@ -185,7 +186,9 @@ impl ConsumerHandle {
         self.clients
             .iter()
             .map(|(shared, _)| {
-                let mut held = shared.lock().tracker.partitions();
+                let st = shared.lock();
+                let mut held = st.tracker.partitions();
+                held.retain(|tp| st.tracker.generation(tp).is_some());
                 held.sort();
                 held
             })

@@ -24,6 +24,7 @@ use super::lanes::{cap_partitions, Lanes};
 use super::policy::{Chain, ChainState};
 use super::rebalance::PollerContext;
 use super::retry::{resume_due, retry_record, seek_back, Plans};
+use super::revoke;
 use super::state::{PollerState, Shared};
 use crate::envelope::{BatchRef, PartitionRange};
 use crate::error::Error;
@@ -99,6 +100,9 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
     // True while batches wait for their lanes and outcomes are due.
     let mut lane_wait = false;
 
+    // From here on a revoke waits in this loop, which keeps handing over the
+    // other partitions' batches (`revoke.rs`).
+    shared.defer_revokes.store(true, Ordering::Release);
     let outcome = loop {
         // The runner's outcomes and commands, commits, retries and handing
         // over: looked at after every poll that may have waited, and while
@@ -109,6 +113,7 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         if unclocked == 0 || !lanes.ready_is_empty() || failure.is_some() {
             let mut st = shared.lock();
             st.drain(&consumer, &shared);
+            revoke::serve(&consumer, &mut st, &shared, false);
             take_expectations(&mut gaps, &mut st);
             if retry_commit_at.is_none_or(|at| now >= at) {
                 retry_commit_at = commit_finished(&consumer, &mut st, &shared)
@@ -172,8 +177,11 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
             // the handler): the outcome that frees one is what to wait for.
             // A poll would sleep through it; so wait for outcomes a little,
             // then poll without waiting.
-            lane_wait =
-                !shutting_down && !draining && !lanes.ready_is_empty() && !st.in_flight.is_empty();
+            // So does a revoke waiting for its partitions' batches.
+            lane_wait = !shutting_down
+                && !draining
+                && (!lanes.ready_is_empty() || revoke::pending(&st))
+                && !st.in_flight.is_empty();
             if lane_wait && !streaming {
                 st.wait_one(LANE_WAIT, &consumer, &shared);
                 now = Instant::now();
@@ -278,6 +286,10 @@ pub(super) fn run<T: DeserializeOwned + Send + 'static>(
         }
     };
 
+    // Revokes still waiting finish now (what the handler finished is
+    // committed); from here on a revoke waits in librdkafka's callback.
+    shared.defer_revokes.store(false, Ordering::Release);
+    revoke::serve(&consumer, &mut shared.lock(), &shared, true);
     let committed = final_commit(
         &consumer,
         &shared,

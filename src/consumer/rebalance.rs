@@ -1,23 +1,22 @@
 //! Rebalance callbacks. They run inside `poll`, on the poller thread.
 //!
-//! On assign, each partition gets a new generation in the tracker. On revoke,
-//! the poller waits (up to `revoke_timeout_ms`) for in-flight batches of the
-//! revoked partitions, commits what finished synchronously, and forgets the
-//! partitions: a later result for them is dropped by the generation check,
-//! so this consumer never commits for a partition it no longer owns.
+//! On assign, each partition gets a new generation in the tracker. A revoke
+//! is `revoke.rs`'s: the revoked partitions' batches finish, what finished
+//! is committed, and the partitions are forgotten.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::commit::commit_finished;
+use super::commit::interval_commit_answered;
 use super::gaps::Expectation;
+use super::revoke::{self, give_up};
 use super::state::Shared;
 use crate::metrics::statistics::StatisticsGauges;
 use crate::offsets::TopicPartition;
@@ -53,6 +52,12 @@ impl ClientContext for PollerContext {
 }
 
 impl ConsumerContext for PollerContext {
+    /// The answers to librdkafka's interval commits (commits made here,
+    /// synchronously, answer where they are made).
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        interval_commit_answered(&self.shared, result, offsets);
+    }
+
     /// Serves a rebalance the way rust-rdkafka's default does (assign or
     /// unassign, eagerly or incrementally as the protocol says), with the
     /// tracker kept in step: every partition librdkafka fetches has a
@@ -79,8 +84,14 @@ impl ConsumerContext for PollerContext {
                 assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.revoke(consumer, tpl);
-                give_up(consumer, tpl, cooperative)
+                if self.shared.defer_revokes.load(Ordering::Acquire) {
+                    // The poller loop finishes it, and gives them up then.
+                    revoke::begin(&self.shared, tpl, cooperative);
+                    Ok(())
+                } else {
+                    self.revoke(consumer, tpl);
+                    give_up(consumer, tpl, cooperative)
+                }
             }
             other => {
                 let code: RDKafkaErrorCode = other.into();
@@ -114,20 +125,7 @@ impl ConsumerContext for PollerContext {
     }
 }
 
-/// Unassigns what a revoke (or a rebalance error) takes away.
-fn give_up(
-    consumer: &BaseConsumer<PollerContext>,
-    tpl: &TopicPartitionList,
-    cooperative: bool,
-) -> KafkaResult<()> {
-    if cooperative {
-        consumer.incremental_unassign(tpl)
-    } else {
-        consumer.unassign()
-    }
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+pub(super) fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
         .map(|e| TopicPartition::new(e.topic(), e.partition()))
@@ -192,7 +190,7 @@ fn read_retry_topic_from_its_beginning(
     }
 }
 
-fn names(tps: &[TopicPartition]) -> String {
+pub(super) fn names(tps: &[TopicPartition]) -> String {
     tps.iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
@@ -254,53 +252,7 @@ impl PollerContext {
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let shared = &self.shared;
-        let tps = partitions(tpl);
-        let mut st = shared.lock();
-        let deadline = Instant::now() + shared.revoke_timeout;
-        loop {
-            st.drain(consumer, shared);
-            let waiting = st
-                .in_flight
-                .iter()
-                .any(|b| b.ranges.iter().any(|(tp, _, _, _)| tps.contains(tp)));
-            if !waiting || st.handler_failed {
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                tracing::warn!(
-                    partitions = %names(&tps),
-                    timeout_ms = shared.revoke_timeout.as_millis() as u64,
-                    "revoke: in-flight batches did not finish in time; their records will be read again by the next owner"
-                );
-                break;
-            }
-            st.wait_one(
-                (deadline - now).min(Duration::from_millis(100)),
-                consumer,
-                shared,
-            );
-        }
-        if let Err(e) = commit_finished(consumer, &mut st, shared) {
-            tracing::warn!(error = %e, "revoke: commit failed; the next owner will read those records again");
-        }
-        for tp in &tps {
-            st.tracker.revoke(tp);
-            shared.publish_generation(tp, None);
-        }
-        // A revoked partition's pause and pending retry go with it; the next
-        // owner reads its records again from the last commit.
-        st.backoff.retain(|tp, _| !tps.contains(tp));
-        st.capped.retain(|tp| !tps.contains(tp));
-        st.seeks.retain(|s| !tps.contains(&s.tp));
-        shared.rebalance_epoch.fetch_add(1, Ordering::AcqRel);
-        shared.metrics.revokes.increment(1);
-        shared
-            .stats
-            .revoked
-            .fetch_add(tps.len() as u64, Ordering::Relaxed);
-        tracing::info!(partitions = %names(&tps), "partitions revoked");
+        revoke::revoke_now(consumer, &self.shared, &partitions(tpl));
     }
 }
 
@@ -309,6 +261,7 @@ mod tests {
     use super::*;
     use crate::testing::EmbeddedBroker;
     use std::sync::mpsc;
+    use std::time::Instant;
 
     /// Finding 6: under cooperative assignment librdkafka gives up only the
     /// listed partitions on a rebalance error; forgetting the whole

@@ -32,6 +32,13 @@ pub(super) struct Shared {
     pub(super) metrics: ConsumerMetrics,
     pub(super) revoke_timeout: Duration,
     pub(super) commit: bool,
+    /// Set while the poller loop runs: a revoke then waits for its
+    /// partitions' batches from the loop (which keeps handing over the
+    /// other partitions' batches), not inside librdkafka's callback.
+    pub(super) defer_revokes: AtomicBool,
+    /// Settled offsets are stored for librdkafka's interval commit
+    /// (`commit_interval_ms` above 0) rather than committed one by one.
+    pub(super) interval_commit: bool,
     /// The batches in the handler now, with when each started: the runner
     /// writes it, the poller reads it to report batches that run long. Not
     /// under the state lock, which a revoke holds while it waits for them.
@@ -72,6 +79,7 @@ impl Shared {
                 redeliveries: Vec::new(),
                 keyed_redeliveries: Vec::new(),
                 expectations: Vec::new(),
+                revoking: Vec::new(),
             }),
             stopping,
             rebalance_epoch: AtomicU64::new(0),
@@ -79,6 +87,8 @@ impl Shared {
             metrics: ConsumerMetrics::new(&settings.service),
             revoke_timeout: Duration::from_millis(settings.revoke_timeout_ms),
             commit: settings.commit,
+            interval_commit: settings.commit && settings.commit_interval_ms > 0,
+            defer_revokes: AtomicBool::new(false),
             running: Mutex::new(HashMap::new()),
             retry_topic: settings.failure.retry_topic_name().map(str::to_owned),
             generations: Mutex::new(HashMap::new()),
@@ -161,6 +171,9 @@ pub(super) struct PollerState {
     /// Where partitions continue after an assignment or a seek, for the
     /// poller's gap guard to take.
     pub(super) expectations: Vec<gaps::Expectation>,
+    /// Revokes librdkafka asked for that wait for their partitions'
+    /// batches in the handler, while the other partitions go on.
+    pub(super) revoking: Vec<super::revoke::PendingRevoke>,
 }
 
 /// A batch handed to the runner: which ranges it holds.

@@ -18,6 +18,10 @@ pub struct ConsumerStats {
     pub assigned: u64,
     /// Partitions revoked from this consumer, counted per revoke.
     pub revoked: u64,
+    /// Partitions being revoked now: nothing more of them is handed out,
+    /// and their revoke waits for their batches in the handler (up to
+    /// `consumer.revoke_timeout_ms`) while the other partitions go on.
+    pub revoking: u64,
     /// Times the poller paused its partitions because the handler was busy.
     pub pauses: u64,
     /// Tombstones and records of unsubscribed topics skipped.
@@ -58,6 +62,7 @@ pub(super) struct StatsCounters {
     pub(super) commit_failures: AtomicU64,
     pub(super) assigned: AtomicU64,
     pub(super) revoked: AtomicU64,
+    pub(super) revoking: AtomicU64,
     pub(super) pauses: AtomicU64,
     pub(super) skipped: AtomicU64,
     pub(super) decode_errors: AtomicU64,
@@ -82,6 +87,7 @@ impl StatsCounters {
             commit_failures: get(&self.commit_failures),
             assigned: get(&self.assigned),
             revoked: get(&self.revoked),
+            revoking: get(&self.revoking),
             pauses: get(&self.pauses),
             skipped: get(&self.skipped),
             decode_errors: get(&self.decode_errors),

@@ -237,3 +237,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn what_is_stored_for_the_interval_commit_never_passes_an_open_record() {
+    let tp = TopicPartition::new("t", 0);
+    let mut tracker = OffsetTracker::default();
+    let generation = tracker.assign(tp.clone());
+    tracker.handed_out(&tp, 0, 10);
+    tracker.handed_out(&tp, 10, 20);
+    assert!(tracker.finished(&tp, generation, 10));
+    assert_eq!(tracker.storable(), vec![], "0..10 is still open");
+    assert!(tracker.finished(&tp, generation, 0));
+    assert_eq!(tracker.storable(), vec![(tp.clone(), 20)]);
+    tracker.stored(&tp, 20);
+    assert_eq!(tracker.storable(), vec![], "stored once");
+    // Stored is not committed: a revoke's commit still commits it.
+    assert_eq!(tracker.committable(), vec![(tp.clone(), 20)]);
+    tracker.committed(&tp, 20);
+    assert_eq!(tracker.committable(), vec![]);
+
+    tracker.handed_out(&tp, 20, 30);
+    assert!(tracker.finished(&tp, generation, 20));
+    // A commit made at once also counts as stored.
+    tracker.committed(&tp, 30);
+    assert_eq!(tracker.storable(), vec![]);
+
+    // A new assignment starts with nothing stored.
+    tracker.revoke(&tp);
+    let generation = tracker.assign(tp.clone());
+    tracker.handed_out(&tp, 30, 40);
+    assert!(tracker.finished(&tp, generation, 30));
+    assert_eq!(tracker.storable(), vec![(tp, 40)]);
+}

@@ -118,7 +118,10 @@ fn librdkafka_properties_pass_through_from_toml_and_env() {
 
         let config = s.consumer.client_config().expect("consumer config");
         assert_eq!(config.get("fetch.max.bytes"), Some("2097152"));
-        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        // librdkafka commits on an interval, and only what kafka-batch stored.
+        assert_eq!(config.get("enable.auto.commit"), Some("true"));
+        assert_eq!(config.get("auto.commit.interval.ms"), Some("1000"));
+        assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(config.get("auto.offset.reset"), Some("latest"));
         assert_eq!(config.get("group.id"), Some("g"));
         let config = s.producer.client_config().expect("producer config");
@@ -158,6 +161,39 @@ fn auto_commit_is_refused_with_the_reason() {
         jail.set_env("KAFKA_BATCH_KAFKA__ENABLE_AUTO_COMMIT", "true");
         let text = message(load_in(jail, ""));
         assert!(text.contains("enable.auto.commit"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_commit_interval_is_a_setting_of_its_own() {
+    Jail::expect_with(|jail| {
+        let text = message(load_in(
+            jail,
+            "[consumer.kafka]\n\"auto.commit.interval.ms\" = 100\n",
+        ));
+        assert!(text.contains("consumer.commit_interval_ms"), "{text}");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_CONSUMER__COMMIT_INTERVAL_MS", "0");
+        let s = load_in(
+            jail,
+            "[consumer]\ngroup_id = \"g\"\ntopics = [\"t\"]\nbootstrap_servers = \"b:9092\"\n",
+        )
+        .expect("the settings load");
+        assert_eq!(s.consumer.commit_interval_ms, 0);
+        let config = s.consumer.client_config().expect("consumer config");
+        // 0: every commit is made by the poller, one by one.
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        let text = message(load_in(
+            jail,
+            "[consumer]\ncommit_interval_ms = 100000000\n",
+        ));
+        assert!(text.contains("consumer.commit_interval_ms"), "{text}");
         Ok(())
     });
 }

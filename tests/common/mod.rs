@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests (each test starts its own embedded broker).
 #![allow(dead_code)]
 
+pub mod lanes;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 

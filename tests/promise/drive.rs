@@ -81,6 +81,7 @@ fn settings(sc: &Scenario, broker: &EmbeddedBroker) -> ConsumerSettings {
     s.concurrency = sc.concurrency;
     s.clients = sc.clients;
     s.ordering = sc.ordering;
+    s.commit_interval_ms = sc.commit_interval_ms;
     if let Some(cap) = sc.max_in_flight {
         s.max_in_flight_records = cap;
     }

@@ -107,6 +107,9 @@ pub struct Scenario {
     pub max_in_flight: Option<usize>,
     /// `consumer.clients`: group members in one instance.
     pub clients: usize,
+    /// `consumer.commit_interval_ms`: 0 commits at once, whenever a
+    /// watermark moves; otherwise librdkafka commits what was stored.
+    pub commit_interval_ms: u64,
 }
 
 const ERRORS: &[RDKafkaRespErr] = &[
@@ -212,6 +215,7 @@ impl Scenario {
             ordering: HandlingOrder::Partition,
             max_in_flight: None,
             clients: 1,
+            commit_interval_ms: 1000,
         };
 
         // Records and their fates.
@@ -357,6 +361,10 @@ impl Scenario {
             sc.max_in_flight = Some(sc.batch_size * r.between(1, 3) as usize);
         }
         sc.clients = r.pick(&[1, 1, 1, 2, 3]);
+
+        // Commits: their own stream too, for the same reason.
+        let mut r = Rng::derived(seed, 7);
+        sc.commit_interval_ms = r.pick(&[0, 0, 50, 300, 1000, 1000]);
         sc
     }
 
@@ -469,12 +477,13 @@ impl fmt::Display for Scenario {
             .collect();
         writeln!(
             f,
-            "  clients {}, concurrency {}, ordering {:?}, max_in_flight_records {}",
+            "  clients {}, concurrency {}, ordering {:?}, max_in_flight_records {}, commit_interval_ms {}",
             self.clients,
             self.concurrency,
             self.ordering,
             self.max_in_flight
-                .map_or("default".to_string(), |n| n.to_string())
+                .map_or("default".to_string(), |n| n.to_string()),
+            self.commit_interval_ms
         )?;
         writeln!(
             f,
