@@ -25,8 +25,8 @@
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
+use super::decode::RawHist;
 use super::scan::{Field, Scan, ENVELOPE_FIELDS};
-use super::RawHist;
 
 /// serde_json's recursion limit. The full path decodes `item` one level
 /// inside the envelope object, so a payload nested 127 levels deep fails

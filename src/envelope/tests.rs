@@ -1,6 +1,14 @@
+use std::fmt;
+use std::sync::Arc;
+
+use super::decode::{parse_envelope, unpack_parts_by, Path, RawHist};
+use super::decode_hist::{check_hist, parse_hist};
 use super::*;
 use proptest::prelude::*;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use time::OffsetDateTime;
 
 fn topic() -> Arc<str> {
     Arc::from("input-topic")
