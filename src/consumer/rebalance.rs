@@ -84,8 +84,11 @@ impl ConsumerContext for PollerContext {
                 assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if self.shared.defer_revokes.load(Ordering::Acquire) {
-                    // The poller loop finishes it, and gives them up then.
+                // Cooperative: the poller loop finishes it (and gives the
+                // partitions up then) while the kept partitions go on. An
+                // eager revoke takes every partition, so nothing could go on
+                // meanwhile: it is served here, as librdkafka expects.
+                if cooperative && self.shared.defer_revokes.load(Ordering::Acquire) {
                     revoke::begin(&self.shared, tpl, cooperative);
                     Ok(())
                 } else {

@@ -4,14 +4,16 @@
 //! generation check, so this consumer never commits for a partition it no
 //! longer owns.
 //!
-//! While the poller loop runs, librdkafka's callback only starts a revoke
-//! ([`begin`]): nothing more of its partitions is handed out (what the
-//! poller buffered of them is dropped, for the next owner to read), and the
-//! batches already handed to the runner run as before. The loop goes on handing over the other partitions' batches, and
+//! A cooperative revoke, while the poller loop runs, is only started by
+//! librdkafka's callback ([`begin`]): nothing more of its partitions is
+//! handed out (what the poller buffered of them is dropped, for the next
+//! owner to read), and the batches already handed to the runner run as
+//! before. The loop goes on handing over the kept partitions' batches, and
 //! [`serve`] finishes the revoke once its partitions have no batch left in
-//! the handler, then gives them up to librdkafka, which waits for that.
-//! Outside the loop (the final commit, closing) nothing else flows, and the
-//! callback waits itself ([`revoke_now`]).
+//! the handler, then gives them up to librdkafka, which waits for that. An
+//! eager revoke takes every partition, so nothing could go on meanwhile;
+//! it, and any revoke outside the loop (the final commit, closing), waits
+//! in the callback itself ([`revoke_now`]).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
