@@ -80,14 +80,7 @@ async fn consume_through(
             faulted.store(true, Ordering::Release);
         }
         handled.fetch_add(batch.len(), Ordering::Relaxed);
-        let all_seen = {
-            let mut seen = seen.lock().unwrap();
-            seen.extend(batch.iter().map(n_of));
-            seen.len() == RECORDS
-        };
-        if all_seen {
-            handle.shutdown();
-        }
+        seen.lock().unwrap().extend(batch.iter().map(n_of));
         Ok::<_, Error>(())
     });
     let feed = async {
@@ -102,6 +95,8 @@ async fn consume_through(
         )
         .await;
         produce_numbered(broker, "jobs", FIRST..RECORDS).await;
+        wait_until_committed(broker, &seen).await;
+        handle.shutdown();
     };
     let (result, ()) = within(LIMIT, async { tokio::join!(run, feed) }).await;
     result.expect("the consumer recovers by itself and stops cleanly");
@@ -127,6 +122,26 @@ async fn consume_through(
 
 fn errors(broker: &EmbeddedBroker, api: RDKafkaApiKey, errors: &[RDKafkaRespErr]) {
     broker.request_errors(api, errors).expect("errors injected");
+}
+
+/// Waits for the condition the fault tests mean: every record handled and
+/// every partition committed to its end. (Every id seen once is not it: a
+/// commit the fault kept from the broker makes the partition be read again
+/// from the last one that reached it, and the consumer commits past those
+/// records only once it has handled them again.)
+async fn wait_until_committed(broker: &EmbeddedBroker, seen: &Mutex<BTreeSet<usize>>) {
+    wait_until("every record is handled", LIMIT, || {
+        seen.lock().unwrap().len() == RECORDS
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while committed(broker, "g", "jobs").await.values().sum::<i64>() != RECORDS as i64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for every partition to be committed to its end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,21 +402,20 @@ async fn down_and_back_up(coordinator: bool) {
     let run = consumer.process(async |batch: Vec<Message>| {
         first_batch.store(true, Ordering::Release);
         handled.fetch_add(batch.len(), Ordering::Relaxed);
-        let all_seen = {
-            let mut seen = seen.lock().unwrap();
-            for n in batch.iter().map(n_of) {
-                if seen.insert(n) && n >= FIRST {
-                    late.fetch_add(1, Ordering::Relaxed);
-                }
+        let mut seen = seen.lock().unwrap();
+        for n in batch.iter().map(n_of) {
+            if seen.insert(n) && n >= FIRST {
+                late.fetch_add(1, Ordering::Relaxed);
             }
-            seen.len() == RECORDS
-        };
-        if all_seen {
-            handle.shutdown();
         }
         Ok::<_, Error>(())
     });
-    let (result, (victim, others)) = within(LIMIT, async { tokio::join!(run, outage) }).await;
+    let finish = async {
+        wait_until_committed(&broker, &seen).await;
+        handle.shutdown();
+    };
+    let (result, (victim, others), ()) =
+        within(LIMIT, async { tokio::join!(run, outage, finish) }).await;
     result.expect("the consumer recovers by itself");
     let seen = seen.lock().unwrap().clone();
     let handled = handled.into_inner();
