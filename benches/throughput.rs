@@ -55,7 +55,7 @@ use serde::Serialize;
 #[path = "common/broker.rs"]
 mod broker;
 mod common;
-use common::{Event, RawCommit};
+use common::{cpu_time, Event, RawCommit};
 // Only this bench builds the peer (the codec and memory benches include `common` too).
 #[path = "common/peer.rs"]
 mod peer;
@@ -103,22 +103,6 @@ struct HistOut<'a> {
 /// CPU time (user + system) of all this process's threads so far, exited
 /// ones included: the scheduler's own count, to the nanosecond
 /// (`/proc/self/stat` counts in 10 ms steps).
-fn cpu_time() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec for the call to write.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
-    if status != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        u64::try_from(now.tv_sec).unwrap_or(0),
-        u32::try_from(now.tv_nsec).unwrap_or(0),
-    )
-}
-
 #[derive(Clone, Copy)]
 struct Measure {
     wall: Duration,
@@ -141,13 +125,13 @@ async fn measure<F: std::future::Future<Output = anyhow::Result<usize>>>(
     common::reset_first_record();
     let (cpu0, wall0) = (cpu_time(), Instant::now());
     let records = job.await?;
-    // From the first record on: joining the group is not consuming (two
-    // members joining the embedded broker's group at once take seconds).
-    let start = common::first_record_at().unwrap_or(wall0);
+    // From the first record on (with several clients, from when each holds
+    // partitions): joining the group is not consuming.
+    let (start, cpu_start, before) = common::measured_start().unwrap_or((wall0, cpu0, 0));
     Ok(Measure {
         wall: start.elapsed(),
-        cpu: cpu_time().saturating_sub(cpu0),
-        records,
+        cpu: cpu_time().saturating_sub(cpu_start),
+        records: records.saturating_sub(before),
     })
 }
 

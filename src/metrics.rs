@@ -22,8 +22,8 @@
 //! | `kafka_batch_commits_total` | counter | `service` | successful offset commits |
 //! | `kafka_batch_commit_failures_total` | counter | `service` | failed offset commits (retried) |
 //! | `kafka_batch_rebalances_total` | counter | `service`, `kind` = `assign` / `revoke` / `error` | group rebalances seen |
-//! | `kafka_batch_paused` | gauge | `service` | 1 while the poller has paused its partitions for back-pressure |
-//! | `kafka_batch_in_flight_batches` | gauge | `service` | batches handed to the handler (or waiting for it in the channel) and not yet settled |
+//! | `kafka_batch_paused` | gauge | `service` | pollers (one per `consumer.clients`) that have paused their partitions for back-pressure: 1 while the only one has |
+//! | `kafka_batch_in_flight_batches` | gauge | `service` | batches handed to the handler (or waiting for it in the channel) and not yet settled, over every client |
 //! | `kafka_batch_in_flight_records` | gauge | `service` | the messages in those batches |
 //! | `kafka_batch_lag` | gauge | `service`, `topic`, `partition` | per assigned partition: log end (high watermark) minus the group's committed offset, from librdkafka's statistics (see below); 0 once the partition is no longer assigned here |
 //! | `kafka_batch_produced_total` | counter | `service`, `topic` | records delivered |

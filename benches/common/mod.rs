@@ -23,31 +23,61 @@ pub struct PlainEnvelope<T> {
     hist: serde::de::IgnoredAny,
 }
 
-/// When the run being measured got its first record (see [`first_record`]).
-static FIRST_RECORD: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-static SEEN_FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Where the measured part of a run starts (see [`start_measuring`]): when,
+/// the process's CPU time then, and the records handled before it.
+type Start = (std::time::Instant, std::time::Duration, usize);
+static START: std::sync::Mutex<Option<Start>> = std::sync::Mutex::new(None);
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Notes that the run being measured has its first record: the rate is
-/// measured from here, so that joining the group (seconds on the embedded
-/// broker when two members join at once) is not counted as consuming.
+/// measured from here, so that joining the group is not counted as
+/// consuming.
 #[allow(dead_code)]
 pub fn first_record() {
-    if !SEEN_FIRST.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        *FIRST_RECORD.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    start_measuring(0);
+}
+
+/// Starts the measured part of a run here, `handled_before` records in:
+/// the first record, or (with several clients) the first batch once every
+/// client holds partitions, since their joins are rebalances in which
+/// nobody consumes for seconds on the embedded broker.
+#[allow(dead_code)]
+pub fn start_measuring(handled_before: usize) {
+    if !STARTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        *START.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), cpu_time(), handled_before));
     }
 }
 
-/// Starts a measured run: forgets the last run's first record.
+/// Starts a measured run: forgets the last run's start.
 #[allow(dead_code)]
 pub fn reset_first_record() {
-    SEEN_FIRST.store(false, std::sync::atomic::Ordering::Relaxed);
-    *FIRST_RECORD.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    STARTED.store(false, std::sync::atomic::Ordering::Relaxed);
+    *START.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
-/// When the measured run got its first record, if it got one.
+/// Where the measured run started, if it did.
 #[allow(dead_code)]
-pub fn first_record_at() -> Option<std::time::Instant> {
-    *FIRST_RECORD.lock().unwrap_or_else(|e| e.into_inner())
+pub fn measured_start() -> Option<Start> {
+    *START.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// CPU time of this process so far (user + system, all threads).
+#[allow(dead_code)]
+pub fn cpu_time() -> std::time::Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to write.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    if status != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// How a hand-written at-least-once consume loop commits.
@@ -173,11 +203,19 @@ pub async fn library_consume_loop(
     let handle = consumer.handle();
     // Counted in an atomic: the handler is shared by the batches in flight.
     let count = std::sync::atomic::AtomicUsize::new(0);
+    let several = settings.clients > 1;
     consumer
         .process(async |batch: Vec<kafka_batch::Message<Event>>| {
-            first_record();
             let n = std::hint::black_box(batch).len();
-            let total = count.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            let before = count.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            if !several {
+                first_record();
+            } else if measured_start().is_none()
+                && handle.assignments().iter().all(|held| !held.is_empty())
+            {
+                start_measuring(before);
+            }
+            let total = before + n;
             if total >= records {
                 handle.shutdown();
             }

@@ -414,7 +414,8 @@ fn set_paused(
     match result {
         Ok(()) => {
             st.paused = pause;
-            shared.metrics.paused.set(if pause { 1.0 } else { 0.0 });
+            // Counts the clients paused, so that several add up.
+            shared.metrics.paused.increment(if pause { 1.0 } else { -1.0 });
             if pause {
                 shared.stats.pauses.fetch_add(1, Ordering::Relaxed);
             }

@@ -80,6 +80,7 @@ impl Shared {
                 keyed_redeliveries: Vec::new(),
                 expectations: Vec::new(),
                 revoking: Vec::new(),
+                published_in_flight: (0, 0),
             }),
             stopping,
             rebalance_epoch: AtomicU64::new(0),
@@ -174,6 +175,8 @@ pub(super) struct PollerState {
     /// Revokes librdkafka asked for that wait for their partitions'
     /// batches in the handler, while the other partitions go on.
     pub(super) revoking: Vec<super::revoke::PendingRevoke>,
+    /// What this client last added to the in-flight gauges (batches, records).
+    pub(super) published_in_flight: (usize, usize),
 }
 
 /// A batch handed to the runner: which ranges it holds.

@@ -281,15 +281,23 @@ impl PollerState {
         Some(done)
     }
 
-    /// Sets the in-flight gauges: once per batch handed over or settled
-    /// (the batches in flight are a handful), never per record.
-    pub(in crate::consumer) fn publish_in_flight(&self, shared: &Shared) {
+    /// Moves the in-flight gauges by this client's change: once per batch
+    /// handed over or settled (the batches in flight are a handful), never
+    /// per record. By the change, not to the value, so that the clients of
+    /// a consumer (and consumers of one service) add up.
+    pub(in crate::consumer) fn publish_in_flight(&mut self, shared: &Shared) {
         let records: usize = self.in_flight.iter().map(|b| b.records).sum();
+        let now = (self.in_flight.len(), records);
+        let (batches_before, records_before) = self.published_in_flight;
         shared
             .metrics
             .in_flight_batches
-            .set(self.in_flight.len() as f64);
-        shared.metrics.in_flight_records.set(records as f64);
+            .increment(now.0 as f64 - batches_before as f64);
+        shared
+            .metrics
+            .in_flight_records
+            .increment(now.1 as f64 - records_before as f64);
+        self.published_in_flight = now;
     }
 }
 
