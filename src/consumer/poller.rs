@@ -415,7 +415,10 @@ fn set_paused(
         Ok(()) => {
             st.paused = pause;
             // Counts the clients paused, so that several add up.
-            shared.metrics.paused.increment(if pause { 1.0 } else { -1.0 });
+            shared
+                .metrics
+                .paused
+                .increment(if pause { 1.0 } else { -1.0 });
             if pause {
                 shared.stats.pauses.fetch_add(1, Ordering::Relaxed);
             }
