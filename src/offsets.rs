@@ -257,11 +257,9 @@ impl OffsetTracker {
         }
         range.settle(from, end);
         p.handed_out.push_back(range);
-        if p.advance() {
-            self.uncommitted = true;
-            self.unstored = true;
-        }
-        Some(p.generation)
+        let (moved, generation) = (p.advance(), p.generation);
+        self.note_moved(moved);
+        Some(generation)
     }
 
     /// The first offset of `tp` handed out and not settled, if any.
@@ -293,10 +291,8 @@ impl OffsetTracker {
             return false;
         };
         range.finished = true;
-        if p.advance() {
-            self.uncommitted = true;
-            self.unstored = true;
-        }
+        let moved = p.advance();
+        self.note_moved(moved);
         true
     }
 
@@ -332,10 +328,8 @@ impl OffsetTracker {
                 held += 1;
             }
         }
-        if p.advance() {
-            self.uncommitted = true;
-            self.unstored = true;
-        }
+        let moved = p.advance();
+        self.note_moved(moved);
         held
     }
 
@@ -358,10 +352,8 @@ impl OffsetTracker {
         {
             range.settle(from, to);
         }
-        if p.advance() {
-            self.uncommitted = true;
-            self.unstored = true;
-        }
+        let moved = p.advance();
+        self.note_moved(moved);
     }
 
     /// Marks every record of `tp` handed out before `offset` settled (a
@@ -375,10 +367,8 @@ impl OffsetTracker {
         for range in p.handed_out.iter_mut() {
             range.settle(range.first, offset);
         }
-        if p.advance() {
-            self.uncommitted = true;
-            self.unstored = true;
-        }
+        let moved = p.advance();
+        self.note_moved(moved);
     }
 
     /// True while the range of `tp` starting at `first`, handed out in
@@ -417,13 +407,12 @@ impl OffsetTracker {
             p.handed_out
                 .push_back(HandedOut::new(first, upto, true, generation));
         }
-        if p.advance() {
-            self.uncommitted = true;
-            self.unstored = true;
-        }
+        let moved = p.advance();
         self.next_generation += 1;
         p.generation = self.next_generation;
-        Some(p.generation)
+        let generation = p.generation;
+        self.note_moved(moved);
+        Some(generation)
     }
 
     /// True when some range of `tp` was handed out and is not finished.
@@ -445,17 +434,7 @@ impl OffsetTracker {
         if !self.uncommitted {
             return Vec::new();
         }
-        let mut out: Vec<(TopicPartition, i64)> = self
-            .partitions
-            .iter()
-            .filter_map(|(tp, p)| match (p.watermark, p.committed) {
-                (Some(w), Some(c)) if w <= c => None,
-                (Some(w), _) => Some((tp.clone(), w)),
-                (None, _) => None,
-            })
-            .collect();
-        out.sort();
-        out
+        self.ahead_of(|p| p.committed)
     }
 
     /// The last offset committed for each partition held, in partition order.
@@ -477,17 +456,35 @@ impl OffsetTracker {
         if !self.unstored {
             return Vec::new();
         }
+        self.ahead_of(|p| p.stored)
+    }
+
+    /// Each partition whose watermark is ahead of `mark` (what was committed,
+    /// or stored), with its watermark, in partition order.
+    fn ahead_of(
+        &self,
+        mark: impl Fn(&PartitionOffsets) -> Option<i64>,
+    ) -> Vec<(TopicPartition, i64)> {
         let mut out: Vec<(TopicPartition, i64)> = self
             .partitions
             .iter()
-            .filter_map(|(tp, p)| match (p.watermark, p.stored) {
-                (Some(w), Some(s)) if w <= s => None,
+            .filter_map(|(tp, p)| match (p.watermark, mark(p)) {
+                (Some(w), Some(m)) if w <= m => None,
                 (Some(w), _) => Some((tp.clone(), w)),
                 (None, _) => None,
             })
             .collect();
         out.sort();
         out
+    }
+
+    /// After a watermark moved (`moved`): something may be committed and
+    /// stored again.
+    fn note_moved(&mut self, moved: bool) {
+        if moved {
+            self.uncommitted = true;
+            self.unstored = true;
+        }
     }
 
     /// Records that `offset` was stored for `tp`, for librdkafka to commit.

@@ -26,9 +26,7 @@ pub(super) fn commit_finished(
     st: &mut PollerState,
     shared: &Shared,
 ) -> Result<(), KafkaError> {
-    if !shared.commit {
-        return Ok(());
-    }
+    // (`interval_commit` implies `commit`; `commit_finished_now` checks it.)
     if shared.interval_commit {
         store_finished(consumer, st)
     } else {
