@@ -3,7 +3,7 @@
 //! checker that compares what the members wrote down with what the group
 //! committed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -499,6 +499,16 @@ impl Ownership {
         Ownership { held }
     }
 
+    /// The partitions some member still running holds now (killed members
+    /// held theirs only until their kill).
+    pub fn held_now(&self) -> BTreeSet<i32> {
+        self.held
+            .iter()
+            .filter(|h| h.until.is_none())
+            .map(|h| h.partition)
+            .collect()
+    }
+
     /// True when members `a` and `b` both held `partition` at one moment:
     /// the broker gave it to one before the other's revoke had finished.
     /// (A broker that follows the eager protocol hands out the partitions of
@@ -777,6 +787,35 @@ mod tests {
         assert!(!ownership.overlapped("member-6", "member-9", 0));
         assert!(!ownership.overlapped("member-9", "member-13", 3));
         assert!(!ownership.overlapped("member-6", "member-13", 3));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// From the CI run of 2026-12-01 (trimmed) in which tansu gave
+    /// partitions 0 and 1 to member-9, killed while it rejoined: the last
+    /// assignments of the running members leave them out.
+    const ORPHANED: [(&str, &str); 3] = [
+        ("member-8", "2026-12-01T18:00:27.732786Z  INFO kafka_batch::consumer::revoke: partitions revoked partitions=rb-crash[6],rb-crash[7]
+2026-12-01T18:00:30.737144Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[4],rb-crash[5]
+"),
+        ("member-9", "2026-12-01T18:00:18.112429Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[3],rb-crash[4],rb-crash[5]
+2026-12-01T18:00:23.800515Z  INFO kafka_batch::consumer::revoke: partitions revoked partitions=rb-crash[3],rb-crash[4],rb-crash[5]
+"),
+        ("member-12", "2026-12-01T18:00:26.132984Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[0],rb-crash[1],rb-crash[2],rb-crash[3]
+2026-12-01T18:00:28.517447Z  INFO kafka_batch::consumer::revoke: partitions revoked partitions=rb-crash[0],rb-crash[1],rb-crash[2],rb-crash[3]
+2026-12-01T18:00:28.518868Z  INFO kafka_batch::consumer::rebalance: partitions assigned partitions=rb-crash[2],rb-crash[3]
+"),
+    ];
+
+    #[test]
+    fn partitions_held_now_are_the_running_members_last_assignments() {
+        let dir = std::env::temp_dir().join(unique("kafka-batch-held-now"));
+        std::fs::create_dir_all(&dir).expect("folder");
+        for (name, text) in ORPHANED {
+            std::fs::write(dir.join(format!("{name}.stderr")), text).expect("log");
+        }
+        let kill = OffsetDateTime::parse("2026-12-01T18:00:25Z", &Rfc3339).expect("time");
+        let ownership = Ownership::read(&dir, &[("member-9".to_string(), kill)].into());
+        assert_eq!(ownership.held_now(), BTreeSet::from([2, 3, 4, 5]));
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
