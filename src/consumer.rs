@@ -16,6 +16,7 @@
 
 mod batch;
 mod commit;
+mod events;
 mod forward;
 mod gaps;
 mod handle;
@@ -28,6 +29,7 @@ mod revoke;
 mod runner;
 mod state;
 mod stats;
+mod stream;
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -41,13 +43,14 @@ use crate::envelope::{DecodeErrorKind, Message};
 use crate::error::{BoxError, Error};
 use crate::settings::ConsumerSettings;
 
-use batch::Batch;
 use rebalance::PollerContext;
 use state::{Shared, ToPoller};
 
+pub use events::{ConsumerEvent, ConsumerEvents};
 pub use handle::ConsumerHandle;
 pub use runner::HandlerTimeout;
 pub use stats::ConsumerStats;
+pub use stream::{Batch, BatchStream, Settled};
 
 /// Consumes batches of enveloped JSON messages and commits each batch's
 /// offsets only after the handler returned `Ok`.
@@ -121,13 +124,15 @@ impl Consumer {
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stats = Arc::new(stats::StatsCounters::default());
         let mut clients = Vec::with_capacity(settings.clients.max(1));
-        for _ in 0..settings.clients.max(1) {
+        let (events_tx, _) = tokio::sync::broadcast::channel(events::CAPACITY);
+        for client in 0..settings.clients.max(1) {
             let (events, inbox) = mpsc::channel();
             let shared = Arc::new(Shared::of_client(
                 settings,
                 inbox,
                 Arc::clone(&stopping),
                 Arc::clone(&stats),
+                (client, events_tx.clone()),
             ));
             // Created here so that a configuration librdkafka refuses fails
             // now; the group is joined only when `process` starts, so a
@@ -192,7 +197,7 @@ impl Consumer {
         // smaller channel, it would sleep while the runner takes batches).
         let slots = settings.concurrency.max(1) + settings.prefetch_batches;
         let (batches_tx, batches_rx) =
-            tokio::sync::mpsc::channel::<Batch<T>>(slots * clients.len());
+            tokio::sync::mpsc::channel::<batch::Batch<T>>(slots * clients.len());
         let mut pollers = Vec::with_capacity(clients.len());
         let mut shared_of = Vec::with_capacity(clients.len());
         for (index, client) in clients.into_iter().enumerate() {
@@ -315,7 +320,7 @@ impl Consumer {
 async fn run_batches<T, F, E>(
     runners: &[runner::Runner<'_>],
     handler: &F,
-    mut batches: tokio::sync::mpsc::Receiver<Batch<T>>,
+    mut batches: tokio::sync::mpsc::Receiver<batch::Batch<T>>,
     settings: &ConsumerSettings,
 ) -> Option<Error>
 where

@@ -254,6 +254,26 @@ impl Failures {
         Ok(out)
     }
 
+    /// The same failures with each position `i` replaced by `positions[i]`
+    /// (a batch's messages filtered after it was handed out: `positions`
+    /// holds each kept message's place in the batch as handed out). A
+    /// position past the end stays past it, so it still makes the whole
+    /// batch count as failed.
+    pub(crate) fn at_positions(self, positions: &[usize]) -> Failures {
+        let failed = self
+            .failed
+            .into_iter()
+            .map(|(which, error)| match which {
+                Which::Index(i) => (
+                    Which::Index(positions.get(i).copied().unwrap_or(usize::MAX)),
+                    error,
+                ),
+                other => (other, error),
+            })
+            .collect();
+        Failures { failed }
+    }
+
     /// Finds `Failures` in an error or the errors it wraps.
     pub(crate) fn find<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e Failures> {
         let mut current = Some(error);

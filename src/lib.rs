@@ -51,7 +51,7 @@ pub mod replay;
 pub mod settings;
 pub mod testing;
 
-pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
+pub use consumer::{Batch, BatchStream, Consumer, ConsumerHandle, ConsumerStats, Settled};
 pub use envelope::{BatchRef, DecodeError, Hist, History, Message, MessageId, Ref};
 pub use error::{BoxError, Error};
 pub use failure::Failures;

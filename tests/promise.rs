@@ -38,7 +38,7 @@ async fn the_promise_holds_in_random_scenarios() {
         restarts += summary.restarts;
         let _ = writeln!(
             std::io::stderr(),
-            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, commit interval {} ms, {:.1}s, {}",
+            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, commit interval {} ms{}, {:.1}s, {}",
             summary.records,
             summary.calls,
             summary.faults,
@@ -47,6 +47,7 @@ async fn the_promise_holds_in_random_scenarios() {
             sc.concurrency,
             sc.ordering,
             sc.commit_interval_ms,
+            if sc.stream { ", stream" } else { "" },
             summary.seconds,
             if summary.violations.is_empty() {
                 "ok".to_string()

@@ -8,6 +8,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::events::ConsumerEvent;
 use super::rebalance::PollerContext;
 use super::state::{PollerState, Shared};
 use crate::error::Error;
@@ -168,6 +169,11 @@ fn commit_failed(shared: &Shared, error: &KafkaError, offsets: &[(TopicPartition
     shared.metrics.commit_failures.increment(1);
     shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(error = %error, offsets = %describe(offsets), "offset commit failed; it will be retried");
+    shared.emit(|client| ConsumerEvent::CommitFailed {
+        client,
+        error: error.to_string(),
+        offsets: offsets.to_vec(),
+    });
 }
 
 /// `topic[partition]=offset,...` for a log line.

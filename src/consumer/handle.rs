@@ -55,6 +55,52 @@ impl ConsumerHandle {
         }
     }
 
+    /// Closes the consumer: the same as [`ConsumerHandle::shutdown`]. A
+    /// [`BatchStream`](super::BatchStream) then hands out no more batches,
+    /// and ends once the batches it handed out are settled and the last
+    /// commit is made. Returns once asked (never waits for the end, which
+    /// may need the caller to settle batches first); `Ok` even when the
+    /// consumer had already stopped.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.shutdown();
+        Ok(())
+    }
+
+    /// True while some client holds `tp` in the assignment `generation`
+    /// it was read under: a verdict on the records read then still counts.
+    pub(super) fn reads(&self, tp: &TopicPartition, generation: Generation) -> bool {
+        self.clients
+            .iter()
+            .any(|(shared, _)| shared.current_generation(tp) == Some(generation))
+    }
+
+    /// What happens to the consumer from now on: partitions assigned and
+    /// revoked, commits the broker refused, gaps, pauses for back-pressure
+    /// and for `max_in_flight_records`. A watcher that falls more than
+    /// 1,024 events behind misses the oldest ([`ConsumerEvent::Missed`])
+    /// instead of holding the consumer up. The stream ends once the
+    /// consumer and all its handles are dropped.
+    ///
+    /// ```no_run
+    /// use kafka_batch::consumer::ConsumerEvent;
+    ///
+    /// # async fn run(consumer: kafka_batch::Consumer) {
+    /// let mut events = consumer.handle().events();
+    /// tokio::spawn(async move {
+    ///     while let Some(event) = events.next().await {
+    ///         if let ConsumerEvent::Revoked { partitions, .. } = event {
+    ///             println!("gave up {} partitions", partitions.len());
+    ///         }
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    ///
+    /// [`ConsumerEvent::Missed`]: super::ConsumerEvent::Missed
+    pub fn events(&self) -> super::ConsumerEvents {
+        super::ConsumerEvents::new(self.first().events.subscribe())
+    }
+
     /// True once [`ConsumerHandle::shutdown`] was called or the consumer is stopping.
     pub fn is_shutting_down(&self) -> bool {
         self.first().stopping.load(Ordering::Acquire)

@@ -29,6 +29,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{Batch, BatchBuilder, Seen, Source};
+use super::events::ConsumerEvent;
 use super::policy::Chain;
 use super::rebalance::PollerContext;
 use super::state::{InFlight, PollerState, Shared};
@@ -382,6 +383,10 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
         st.capped.insert(tp.clone());
         shared.stats.capped.fetch_add(1, Ordering::Relaxed);
         shared.metrics.partitions_capped.increment(1);
+        shared.emit(|client| ConsumerEvent::Capped {
+            client,
+            partition: tp.clone(),
+        });
     }
     let below: Vec<TopicPartition> = st
         .capped

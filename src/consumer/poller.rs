@@ -19,6 +19,7 @@ mod outcomes;
 
 use super::batch::{Batch, Seen};
 use super::commit::{commit_finished, describe, final_commit, COMMIT_RETRY};
+use super::events::ConsumerEvent;
 use super::gaps::{Gap, GapGuard};
 use super::lanes::{cap_partitions, Lanes};
 use super::policy::{Chain, ChainState};
@@ -342,6 +343,12 @@ fn report_gap(shared: &Shared, topic: &str, partition: i32, gap: &Gap) {
         gap.first,
         gap.end - gap.first
     );
+    shared.emit(|client| ConsumerEvent::Gap {
+        client,
+        partition: TopicPartition::new(topic, partition),
+        first: gap.first,
+        end: gap.end,
+    });
 }
 
 /// Warns, once per batch, of every batch in the handler for longer than `limit`.
@@ -421,6 +428,9 @@ fn set_paused(
                 .increment(if pause { 1.0 } else { -1.0 });
             if pause {
                 shared.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                shared.emit(|client| ConsumerEvent::Paused { client });
+            } else {
+                shared.emit(|client| ConsumerEvent::Resumed { client });
             }
             tracing::trace!(pause, "partitions paused or resumed");
         }

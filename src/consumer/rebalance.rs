@@ -15,6 +15,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::commit::interval_commit_answered;
+use super::events::ConsumerEvent;
 use super::gaps::Expectation;
 use super::revoke::{self, give_up};
 use super::state::Shared;
@@ -242,6 +243,10 @@ impl PollerContext {
             .assigned
             .fetch_add(tps.len() as u64, Ordering::Relaxed);
         tracing::info!(partitions = %names(&tps), "partitions assigned");
+        self.shared.emit(|client| ConsumerEvent::Assigned {
+            client,
+            partitions: tps.clone(),
+        });
     }
 
     /// Forgets every partition the tracker holds (the assignment could not be read).

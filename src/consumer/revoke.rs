@@ -23,6 +23,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::TopicPartitionList;
 
 use super::commit::commit_finished_now;
+use super::events::ConsumerEvent;
 use super::rebalance::{names, PollerContext};
 use super::state::{PollerState, Shared};
 use crate::offsets::TopicPartition;
@@ -194,4 +195,8 @@ fn finish(
         .revoked
         .fetch_add(partitions.len() as u64, Ordering::Relaxed);
     tracing::info!(partitions = %names(partitions), "partitions revoked");
+    shared.emit(|client| ConsumerEvent::Revoked {
+        client,
+        partitions: partitions.to_vec(),
+    });
 }

@@ -16,6 +16,7 @@ use super::failure_reason;
 use super::forward::{Destination, Forwarder, Outgoing};
 use super::policy::{unit_random, Action, Chain, ChainState};
 use super::state::{Rewind, Shared, ToPoller};
+use super::stream::GivenBack;
 use crate::envelope::Message;
 use crate::error::{BoxError, Error};
 use crate::failure::record::KeptRecord;
@@ -128,6 +129,12 @@ impl<'s> Runner<'s> {
         // a verdict on the records, so it stops the consumer like `fail`.
         let error = match outcome {
             Ok(()) => None,
+            // A batch stream dropped before handing this batch out: it is
+            // left uncommitted, as a batch not started at shutdown is.
+            Err(HandlerFailure::Error(error)) if error.is::<GivenBack>() => {
+                self.tell(ToPoller::Abandoned { batch: id });
+                return Ok(());
+            }
             Err(HandlerFailure::Error(error)) => Some(error),
             Err(HandlerFailure::Panicked(message)) => {
                 self.tell(ToPoller::Failed {

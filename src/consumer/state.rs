@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 
+use super::events::ConsumerEvent;
 use super::gaps;
 use super::policy;
 use super::stats::StatsCounters;
@@ -49,12 +50,28 @@ pub(super) struct Shared {
     /// runner reads it (to drop records that will be read again) without
     /// the state lock, which a revoke holds while it waits for the runner.
     pub(super) generations: Mutex<HashMap<TopicPartition, crate::offsets::Generation>>,
+    /// This client's index (`consumer.clients`), for events and logs.
+    pub(super) client: usize,
+    /// Shared by the consumer's clients: what [`ConsumerHandle::events`]
+    /// watches.
+    ///
+    /// [`ConsumerHandle::events`]: super::ConsumerHandle::events
+    pub(super) events: tokio::sync::broadcast::Sender<ConsumerEvent>,
 }
 
 impl Shared {
     #[cfg(test)]
     pub(super) fn new(settings: &ConsumerSettings, inbox: mpsc::Receiver<ToPoller>) -> Shared {
-        Shared::of_client(settings, inbox, Arc::default(), Arc::default())
+        let (events, _) = tokio::sync::broadcast::channel(1);
+        Shared::of_client(settings, inbox, Arc::default(), Arc::default(), (0, events))
+    }
+
+    /// Tells whoever watches the consumer's events (nothing is built when
+    /// nobody does).
+    pub(super) fn emit(&self, event: impl FnOnce(usize) -> ConsumerEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event(self.client));
+        }
     }
 
     /// One client's state, with the stop flag and counters all of the
@@ -64,6 +81,7 @@ impl Shared {
         inbox: mpsc::Receiver<ToPoller>,
         stopping: Arc<AtomicBool>,
         stats: Arc<StatsCounters>,
+        (client, events): (usize, tokio::sync::broadcast::Sender<ConsumerEvent>),
     ) -> Shared {
         Shared {
             state: Mutex::new(PollerState {
@@ -93,6 +111,8 @@ impl Shared {
             running: Mutex::new(HashMap::new()),
             retry_topic: settings.failure.retry_topic_name().map(str::to_owned),
             generations: Mutex::new(HashMap::new()),
+            client,
+            events,
         }
     }
 

@@ -123,14 +123,40 @@ impl Handler {
     }
 }
 
-/// `process` for one instance, with its handler.
+/// `process` for one instance, with its handler (or, when the scenario
+/// says so, `stream` with the same handler deciding each batch's verdict).
 pub async fn process(ctx: Arc<Ctx>, instance: u32, consumer: Consumer) -> Result<(), Error> {
+    let stream = ctx.sc.stream;
     let h = Handler {
         ctx,
         instance,
         handle: consumer.handle(),
     };
+    if stream {
+        return through_stream(Arc::new(h), consumer).await;
+    }
     consumer
         .process(async move |batch: Vec<Message<Value>>| h.call(batch).await)
         .await
+}
+
+/// The consumer as a stream: each batch goes to a task of its own, which
+/// runs the handler and settles the batch with what it returned.
+async fn through_stream(h: Arc<Handler>, consumer: Consumer) -> Result<(), Error> {
+    let mut batches = consumer.stream::<Value>();
+    while let Some(batch) = batches.next().await {
+        let batch = batch?;
+        let h = Arc::clone(&h);
+        tokio::spawn(async move {
+            let verdict = h.call(batch.messages().to_vec()).await;
+            match verdict {
+                Ok(()) => batch.ack(),
+                Err(e) => match e.downcast::<Failures>() {
+                    Ok(failures) => batch.fail_some(*failures),
+                    Err(e) => batch.fail(e),
+                },
+            }
+        });
+    }
+    Ok(())
 }

@@ -110,6 +110,11 @@ pub struct Scenario {
     /// `consumer.commit_interval_ms`: 0 commits at once, whenever a
     /// watermark moves; otherwise librdkafka commits what was stored.
     pub commit_interval_ms: u64,
+    /// Consumed through `Consumer::stream`, each batch settled by a task of
+    /// its own, instead of `process` (never with panics: a panicking task
+    /// drops its batch, which the stream fails through the chain, where
+    /// `process` stops).
+    pub stream: bool,
 }
 
 const ERRORS: &[RDKafkaRespErr] = &[
@@ -216,6 +221,7 @@ impl Scenario {
             max_in_flight: None,
             clients: 1,
             commit_interval_ms: 1000,
+            stream: false,
         };
 
         // Records and their fates.
@@ -365,6 +371,14 @@ impl Scenario {
         // Commits: their own stream too, for the same reason.
         let mut r = Rng::derived(seed, 7);
         sc.commit_interval_ms = r.pick(&[0, 0, 50, 300, 1000, 1000]);
+
+        // The stream: its own stream of draws as well.
+        let mut r = Rng::derived(seed, 8);
+        let panics = sc
+            .records
+            .iter()
+            .any(|rec| sc.panics && rec.kind == Kind::Good(Fate::PanicFirst));
+        sc.stream = !panics && r.chance(0.35);
         sc
     }
 
@@ -477,7 +491,8 @@ impl fmt::Display for Scenario {
             .collect();
         writeln!(
             f,
-            "  clients {}, concurrency {}, ordering {:?}, max_in_flight_records {}, commit_interval_ms {}",
+            "  {}, clients {}, concurrency {}, ordering {:?}, max_in_flight_records {}, commit_interval_ms {}",
+            if self.stream { "Consumer::stream" } else { "Consumer::process" },
             self.clients,
             self.concurrency,
             self.ordering,
