@@ -16,6 +16,7 @@
 
 mod batch;
 mod commit;
+mod control;
 mod events;
 mod forward;
 mod gaps;
@@ -46,6 +47,7 @@ use crate::settings::ConsumerSettings;
 use rebalance::PollerContext;
 use state::{Shared, ToPoller};
 
+pub use control::{PartitionInfo, PartitionLag};
 pub use events::{ConsumerEvent, ConsumerEvents};
 pub use handle::ConsumerHandle;
 pub use runner::HandlerTimeout;

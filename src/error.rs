@@ -73,8 +73,20 @@ pub enum Error {
     #[error("ConsumerHandle::commit and commit_messages are for a consumer with `consumer.commit = false`; this one commits each batch itself once it is dealt with, and a commit by hand would race it: set commit = false to commit by hand, or just return Ok from the handler")]
     ManualCommit,
     /// The consumer has stopped, so it cannot do what was asked.
-    #[error("the consumer has stopped, so nothing was committed: commit from the handler, while `process` runs")]
+    #[error("the consumer has stopped, so it did not do what was asked (nothing was committed): commit by hand and call control operations while `process` or the stream runs")]
     Stopped,
+    /// A control operation that cannot work as asked (the text says why).
+    #[error("{0}")]
+    Control(String),
+    /// [`ConsumerHandle::seek`](crate::ConsumerHandle::seek) on a partition
+    /// this consumer does not hold.
+    #[error("this consumer does not hold {topic}[{partition}], so it cannot seek it: seek only partitions that ConsumerHandle::assignment() lists (the group may have moved it to another member)")]
+    NotAssigned {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
     /// The Prometheus endpoint could not be started
     /// (`kafka_batch::metrics::serve_prometheus`, or the consumer's
     /// `metrics.prometheus_listen`; feature `prometheus`).

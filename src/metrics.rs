@@ -18,6 +18,7 @@
 //! | `kafka_batch_handler_timeouts_total` | counter | `service` | batches whose handler ran past `handler_timeout_ms` |
 //! | `kafka_batch_long_batches_total` | counter | `service` | batches in the handler longer than `max.poll.interval.ms` (a hung handler holds its partitions: alert on it) |
 //! | `kafka_batch_partitions_capped_total` | counter | `service` | times a partition was paused at `consumer.max_in_flight_records` (the handler is slower than the partition's intake) |
+//! | `kafka_batch_seek_skipped_records_total` | counter | `service` | records a `ConsumerHandle::seek` forward skipped on purpose (committed past, never handled) |
 //! | `kafka_batch_offset_gaps_total` | counter | `service` | records the broker did not deliver (see `consumer.on_gap`) |
 //! | `kafka_batch_commits_total` | counter | `service` | successful offset commits |
 //! | `kafka_batch_commit_failures_total` | counter | `service` | failed offset commits (retried) |
@@ -108,6 +109,7 @@ pub(crate) struct ConsumerMetrics {
     pub handler_timeouts: Counter,
     pub long_batches: Counter,
     pub partitions_capped: Counter,
+    pub seek_skipped: Counter,
     service: String,
 }
 
@@ -137,6 +139,7 @@ impl ConsumerMetrics {
             handler_timeouts: counter!("kafka_batch_handler_timeouts_total", "service" => svc.clone()),
             long_batches: counter!("kafka_batch_long_batches_total", "service" => svc.clone()),
             partitions_capped: counter!("kafka_batch_partitions_capped_total", "service" => svc.clone()),
+            seek_skipped: counter!("kafka_batch_seek_skipped_records_total", "service" => svc.clone()),
             service: svc,
         }
     }

@@ -415,6 +415,43 @@ impl OffsetTracker {
         Some(generation)
     }
 
+    /// The caller moved `tp`'s read position to `offset`: everything
+    /// handed out is forgotten (results for it are dropped by the new
+    /// generation this returns), and records before `offset` that were not
+    /// dealt with count as settled: a seek forward skips them on purpose,
+    /// a seek backward reads settled records again (the watermark does not
+    /// move back, so no commit goes back either). Returns the new
+    /// generation and how many records the seek skipped (when known: the
+    /// first record not dealt with was), or `None` when `tp` is not held.
+    pub(crate) fn seek(
+        &mut self,
+        tp: &TopicPartition,
+        offset: i64,
+    ) -> Option<(Generation, Option<i64>)> {
+        let p = self.partitions.get_mut(tp).filter(|p| !p.revoking)?;
+        let first_open = p
+            .handed_out
+            .front()
+            .map(|r| r.settled_prefix().unwrap_or(r.first))
+            .or(p.watermark)
+            .or(p.committed);
+        p.handed_out.clear();
+        let skipped = first_open.map(|first| (offset - first).max(0));
+        let moved = match first_open {
+            Some(first) if offset <= first => false,
+            _ if p.watermark.is_some_and(|w| w >= offset) => false,
+            _ => {
+                p.watermark = Some(offset);
+                true
+            }
+        };
+        self.next_generation += 1;
+        p.generation = self.next_generation;
+        let generation = p.generation;
+        self.note_moved(moved);
+        Some((generation, skipped))
+    }
+
     /// True when some range of `tp` was handed out and is not finished.
     pub fn has_unfinished(&self, tp: &TopicPartition) -> bool {
         self.partitions

@@ -373,7 +373,7 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
         }
         // Already paused (all of them, or this one for a retry): only
         // marked, so that nothing resumes it before it is below the cap.
-        if !st.paused && !st.backoff.contains_key(tp) {
+        if !st.paused && !st.backoff.contains_key(tp) && !st.user_paused.contains(tp) {
             if let Err(e) = consumer.pause(&one(tp)) {
                 tracing::warn!(partition = %tp, error = %e, "cannot pause a partition at consumer.max_in_flight_records; trying again");
                 continue;
@@ -395,7 +395,7 @@ pub(super) fn cap_partitions<T: DeserializeOwned>(
         .cloned()
         .collect();
     for tp in below {
-        if !st.paused && !st.backoff.contains_key(&tp) {
+        if !st.paused && !st.backoff.contains_key(&tp) && !st.user_paused.contains(&tp) {
             if let Err(e) = consumer.resume(&one(&tp)) {
                 tracing::warn!(partition = %tp, error = %e, "cannot resume a partition below consumer.max_in_flight_records; trying again");
                 continue;

@@ -409,7 +409,9 @@ fn set_paused(
     let mut partitions = TopicPartitionList::with_capacity(assignment.count());
     for e in assignment.elements() {
         let is = |tp: &TopicPartition| tp.partition == e.partition() && &*tp.topic == e.topic();
-        if !st.backoff.keys().any(is) && !st.capped.iter().any(is) {
+        // Partitions the user paused stay paused, and are not paused again.
+        if !st.backoff.keys().any(is) && !st.capped.iter().any(is) && !st.user_paused.iter().any(is)
+        {
             partitions.add_partition(e.topic(), e.partition());
         }
     }

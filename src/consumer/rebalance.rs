@@ -208,15 +208,39 @@ impl PollerContext {
     /// assigned again after the consumer resumed (with nothing assigned, so
     /// nothing was resumed) would otherwise stay paused and never be fetched
     /// again.
+    /// Partitions the user paused ([`ConsumerHandle::pause`]) are paused
+    /// whatever the consumer's state: a user pause outlives rebalances.
+    ///
+    /// [`ConsumerHandle::pause`]: super::ConsumerHandle::pause
     fn set_pause_state(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let paused = self.shared.lock().paused;
-        let result = if paused {
-            consumer.pause(tpl)
-        } else {
-            consumer.resume(tpl)
+        let (paused, user_paused) = {
+            let st = self.shared.lock();
+            (st.paused, st.user_paused.clone())
         };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, paused, "cannot set the pause state of newly assigned partitions");
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for e in tpl.elements() {
+            let held_by_user = user_paused
+                .iter()
+                .any(|tp| tp.partition == e.partition() && &*tp.topic == e.topic());
+            let list = if paused || held_by_user {
+                &mut pause
+            } else {
+                &mut resume
+            };
+            list.add_partition(e.topic(), e.partition());
+        }
+        for (list, pausing) in [(pause, true), (resume, false)] {
+            if list.count() == 0 {
+                continue;
+            }
+            let result = if pausing {
+                consumer.pause(&list)
+            } else {
+                consumer.resume(&list)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, paused = pausing, "cannot set the pause state of newly assigned partitions");
+            }
         }
     }
 

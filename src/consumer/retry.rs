@@ -200,8 +200,9 @@ pub(super) fn resume_due(consumer: &BaseConsumer<PollerContext>, st: &mut Poller
         .map(|(tp, _)| tp.clone())
         .collect();
     for tp in due {
-        // A partition also at its in-flight cap stays paused for that.
-        if !st.paused && !st.capped.contains(&tp) {
+        // A partition also at its in-flight cap stays paused for that, and
+        // one the user paused until the user resumes it.
+        if !st.paused && !st.capped.contains(&tp) && !st.user_paused.contains(&tp) {
             let mut tpl = TopicPartitionList::with_capacity(1);
             tpl.add_partition(&tp.topic, tp.partition);
             if let Err(e) = consumer.resume(&tpl) {

@@ -99,6 +99,7 @@ impl Shared {
                 expectations: Vec::new(),
                 revoking: Vec::new(),
                 published_in_flight: (0, 0),
+                user_paused: HashSet::new(),
             }),
             stopping,
             rebalance_epoch: AtomicU64::new(0),
@@ -197,6 +198,12 @@ pub(super) struct PollerState {
     pub(super) revoking: Vec<super::revoke::PendingRevoke>,
     /// What this client last added to the in-flight gauges (batches, records).
     pub(super) published_in_flight: (usize, usize),
+    /// Partitions the user paused ([`ConsumerHandle::pause`]): kept paused
+    /// whatever back-pressure, retries and the in-flight cap do, and across
+    /// rebalances, until the user resumes them.
+    ///
+    /// [`ConsumerHandle::pause`]: super::ConsumerHandle::pause
+    pub(super) user_paused: HashSet<TopicPartition>,
 }
 
 /// A batch handed to the runner: which ranges it holds.
@@ -250,6 +257,10 @@ pub(super) struct Rewind {
 }
 
 pub(super) enum ToPoller {
+    /// A control operation of a handle (`control.rs`), run on the poller
+    /// thread with the consumer and the state; it answers through its own
+    /// reply channel.
+    Control(super::control::ControlOp),
     Finished {
         batch: u64,
     },

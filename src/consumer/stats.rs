@@ -52,6 +52,11 @@ pub struct ConsumerStats {
     /// Times a partition was paused because it reached
     /// `consumer.max_in_flight_records` records read and not yet dealt with.
     pub capped: u64,
+    /// Records a seek forward ([`ConsumerHandle::seek`]) skipped on
+    /// purpose: committed past without being handled.
+    ///
+    /// [`ConsumerHandle::seek`]: super::ConsumerHandle::seek
+    pub seek_skipped: u64,
 }
 
 #[derive(Default)]
@@ -75,6 +80,7 @@ pub(super) struct StatsCounters {
     pub(super) handler_timeouts: AtomicU64,
     pub(super) long_batches: AtomicU64,
     pub(super) capped: AtomicU64,
+    pub(super) seek_skipped: AtomicU64,
 }
 
 impl StatsCounters {
@@ -100,6 +106,7 @@ impl StatsCounters {
             handler_timeouts: get(&self.handler_timeouts),
             long_batches: get(&self.long_batches),
             capped: get(&self.capped),
+            seek_skipped: get(&self.seek_skipped),
         }
     }
 }

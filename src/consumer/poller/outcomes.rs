@@ -65,6 +65,7 @@ impl PollerState {
                 self.settle(batch, &rewinds, shared);
                 self.handler_failed = true;
             }
+            ToPoller::Control(op) => op(consumer, self, shared),
             ToPoller::Abandoned { batch } => {
                 self.take_in_flight(batch, shared);
             }
