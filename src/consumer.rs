@@ -22,6 +22,7 @@ mod forward;
 mod gaps;
 mod handle;
 mod lanes;
+mod pipe;
 mod policy;
 mod poller;
 mod rebalance;
@@ -47,6 +48,7 @@ use crate::settings::ConsumerSettings;
 use rebalance::PollerContext;
 use state::{Shared, ToPoller};
 
+pub(crate) use control::partitions_of;
 pub use control::{PartitionInfo, PartitionLag};
 pub use events::{ConsumerEvent, ConsumerEvents};
 pub use handle::ConsumerHandle;

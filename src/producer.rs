@@ -12,6 +12,11 @@ use rdkafka::{ClientContext, Message as _};
 use serde::Serialize;
 use time::OffsetDateTime;
 
+mod sink;
+
+pub use sink::ProducerSink;
+
+use crate::consumer::PartitionInfo;
 use crate::envelope::{format_dt, key_of, pack_into, Message, MessageId};
 use crate::error::Error;
 use crate::metrics::ProducerMetrics;
@@ -298,6 +303,21 @@ impl Producer {
         }
     }
 
+    /// Each partition of `topic` with its leader, replicas and in-sync
+    /// replicas, from the cluster's metadata (one request, on tokio's
+    /// blocking pool).
+    pub async fn partitions_for(&self, topic: &str) -> Result<Vec<PartitionInfo>, Error> {
+        let (producer, topic) = (self.inner.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), METADATA_TIMEOUT)?;
+            crate::consumer::partitions_of(&metadata, &topic)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the metadata request's task failed: {e}")))?
+    }
+
     /// Flushes (up to `producer.flush_timeout_ms`) and closes the producer.
     pub async fn close(self) -> Result<(), Error> {
         let timeout = self.flush_timeout;
@@ -351,6 +371,9 @@ fn is_oversized(e: &KafkaError) -> bool {
 /// for the woken broker threads to look (microseconds when the machine is not
 /// saturated), short enough to hold a blocking thread only briefly.
 const SEND_NOW_MS: i32 = 2;
+
+/// How long [`Producer::partitions_for`] waits for the cluster.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The delivery reports of one batch, filled in by librdkafka's thread.
 struct BatchDeliveries {

@@ -38,7 +38,7 @@ async fn the_promise_holds_in_random_scenarios() {
         restarts += summary.restarts;
         let _ = writeln!(
             std::io::stderr(),
-            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, commit interval {} ms{}, {:.1}s, {}",
+            "promise seed {seed}: {} records, {} calls, {} faults, {} restarts, {} client(s) x concurrency {} {:?}, commit interval {} ms{}{}, {:.1}s, {}",
             summary.records,
             summary.calls,
             summary.faults,
@@ -48,6 +48,10 @@ async fn the_promise_holds_in_random_scenarios() {
             sc.ordering,
             sc.commit_interval_ms,
             if sc.stream { ", stream" } else { "" },
+            match summary.seeks {
+                (0, _) => String::new(),
+                (asked, made) => format!(", {made} of {asked} seeks back made"),
+            },
             summary.seconds,
             if summary.violations.is_empty() {
                 "ok".to_string()
@@ -162,7 +166,7 @@ fn catalogue() {
         let first = sc
             .to_string()
             .lines()
-            .take(5)
+            .take(7)
             .collect::<Vec<_>>()
             .join("\n");
         println!("{first}\n");

@@ -197,29 +197,7 @@ impl ConsumerHandle {
         let topic = topic.to_owned();
         self.on_poller(0, move |consumer, _st, _shared| {
             let metadata = consumer.fetch_metadata(Some(&topic), BROKER_TIMEOUT)?;
-            let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                return Err(Error::Control(format!(
-                    "the cluster returned no metadata for topic {topic:?}"
-                )));
-            };
-            if let Some(error) = found.error() {
-                let code: rdkafka::error::RDKafkaErrorCode = error.into();
-                return Err(Error::Control(format!(
-                    "no partitions for topic {topic:?}: {code} (does the topic exist?)"
-                )));
-            }
-            let mut partitions: Vec<PartitionInfo> = found
-                .partitions()
-                .iter()
-                .map(|p| PartitionInfo {
-                    partition: p.id(),
-                    leader: p.leader(),
-                    replicas: p.replicas().to_vec(),
-                    in_sync: p.isr().to_vec(),
-                })
-                .collect();
-            partitions.sort_by_key(|p| p.partition);
-            Ok(partitions)
+            partitions_of(&metadata, &topic)
         })
         .await?
     }
@@ -380,6 +358,37 @@ impl ConsumerHandle {
             })
         }
     }
+}
+
+/// The partitions of `topic` in `metadata`, sorted; an error naming the
+/// topic when the cluster has none.
+pub(crate) fn partitions_of(
+    metadata: &rdkafka::metadata::Metadata,
+    topic: &str,
+) -> Result<Vec<PartitionInfo>, Error> {
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Err(Error::Control(format!(
+            "the cluster returned no metadata for topic {topic:?}"
+        )));
+    };
+    if let Some(error) = found.error() {
+        let code: rdkafka::error::RDKafkaErrorCode = error.into();
+        return Err(Error::Control(format!(
+            "no partitions for topic {topic:?}: {code} (does the topic exist?)"
+        )));
+    }
+    let mut partitions: Vec<PartitionInfo> = found
+        .partitions()
+        .iter()
+        .map(|p| PartitionInfo {
+            partition: p.id(),
+            leader: p.leader(),
+            replicas: p.replicas().to_vec(),
+            in_sync: p.isr().to_vec(),
+        })
+        .collect();
+    partitions.sort_by_key(|p| p.partition);
+    Ok(partitions)
 }
 
 /// The partitions held and not being revoked.

@@ -45,6 +45,8 @@ use crate::offsets::{Generation, TopicPartition};
 /// already handed out still settle when their holders settle them.
 pub struct BatchStream<T> {
     state: State<T>,
+    /// `consumer.concurrency`: how many batches may be out at once.
+    pub(super) concurrency: usize,
     handle: ConsumerHandle,
     /// False once the stream is dropped: batches it never handed out are
     /// then given back unhandled, not failed.
@@ -181,6 +183,7 @@ impl Consumer {
         T: DeserializeOwned + Send + 'static,
     {
         BatchStream {
+            concurrency: self.settings.concurrency.max(1),
             handle: self.handle(),
             state: State::Idle(Some(Box::new(self))),
             open: Arc::new(AtomicBool::new(true)),

@@ -505,8 +505,9 @@ fn check_attempts(
 /// `by_key`: the lanes are a partition's keys (`ordering = "key"`), so only
 /// a key's offsets must increase.
 fn check_order(log: &Log, by_key: bool, v: &mut impl FnMut(&'static str, String)) {
-    // (instance, topic, partition, key) -> (rebalances, highest offset, last outcome per offset)
-    type State = (u64, i64, BTreeMap<i64, Outcome>);
+    // (instance, topic, partition, key) -> (rebalances, highest offset,
+    // last outcome per offset, seeks already allowed for)
+    type State = (u64, i64, BTreeMap<i64, Outcome>, usize);
     let mut state: BTreeMap<(u32, String, i32, String), State> = BTreeMap::new();
     let mut reported = BTreeSet::new();
     let mut i = 0;
@@ -532,9 +533,23 @@ fn check_order(log: &Log, by_key: bool, v: &mut impl FnMut(&'static str, String)
             in_call.insert((c.topic.clone(), c.partition, lane), c.offset);
             let st = state
                 .entry(key.clone())
-                .or_insert((c.rebalances, -1, BTreeMap::new()));
+                .or_insert((c.rebalances, -1, BTreeMap::new(), 0));
             if st.0 != c.rebalances {
-                *st = (c.rebalances, -1, BTreeMap::new());
+                *st = (c.rebalances, -1, BTreeMap::new(), st.3);
+            }
+            // A seek back of this partition, asked before this call began,
+            // lets its lane go back once: the records read again from the
+            // target (a batch read before the seek may still be handled
+            // after it was asked, never after the records read again).
+            let seeks = log
+                .seeks
+                .iter()
+                .filter(|(i, t, p, at)| {
+                    *i == c.instance && *t == c.topic && *p == c.partition && *at < c.started
+                })
+                .count();
+            if c.offset <= st.1 && st.3 < seeks {
+                *st = (c.rebalances, -1, BTreeMap::new(), st.3 + 1);
             }
             // Going back is fine for a record that failed here (a retry in
             // place) or was never handed here (the seek back to a retry

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kafka_batch::replay::{DeadLetter, Replay};
 use kafka_batch::settings::FailurePolicy;
 use kafka_batch::testing::EmbeddedBroker;
-use kafka_batch::{Consumer, ConsumerSettings, Error};
+use kafka_batch::{Consumer, ConsumerHandle, ConsumerSettings, Error};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -40,6 +40,9 @@ pub struct Run {
 }
 
 enum Cmd {
+    /// Seek one partition back this many records before its commit; the
+    /// instance goes on.
+    SeekBack(i64),
     Shutdown,
     Crash,
     /// Shut down and do not restart.
@@ -123,23 +126,26 @@ async fn supervise(ctx: Arc<Ctx>, mut commands: mpsc::UnboundedReceiver<Cmd>, ma
         let handle = consumer.handle();
         let mut task = tokio::spawn(process(Arc::clone(&ctx), instance, consumer));
         let mut stop = false;
-        let (asked, joined) = tokio::select! {
-            joined = &mut task => ("", joined),
-            cmd = commands.recv() => match cmd {
-                Some(Cmd::Crash) => {
-                    task.abort();
-                    ("crash", task.await)
-                }
-                Some(Cmd::Shutdown) => {
-                    handle.shutdown();
-                    ("shutdown", task.await)
-                }
-                Some(Cmd::Stop) | None => {
-                    stop = true;
-                    handle.shutdown();
-                    ("shutdown", task.await)
-                }
-            },
+        let (asked, joined) = loop {
+            tokio::select! {
+                joined = &mut task => break ("", joined),
+                cmd = commands.recv() => match cmd {
+                    Some(Cmd::SeekBack(back)) => seek_back(&ctx, instance, &handle, back).await,
+                    Some(Cmd::Crash) => {
+                        task.abort();
+                        break ("crash", task.await);
+                    }
+                    Some(Cmd::Shutdown) => {
+                        handle.shutdown();
+                        break ("shutdown", task.await);
+                    }
+                    Some(Cmd::Stop) | None => {
+                        stop = true;
+                        handle.shutdown();
+                        break ("shutdown", task.await);
+                    }
+                },
+            }
         };
         let (result, variant_name) = match joined {
             Ok(Ok(())) => (Ok(()), "Ok"),
@@ -186,6 +192,45 @@ async fn supervise(ctx: Arc<Ctx>, mut commands: mpsc::UnboundedReceiver<Cmd>, ma
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Seeks the first main-topic partition `instance` holds back to `back`
+/// records before its committed offset, writing the seek down before it is
+/// asked (the order check lets a partition go back once per seek).
+async fn seek_back(ctx: &Ctx, instance: u32, handle: &ConsumerHandle, back: i64) {
+    let retry = ctx.sc.retry_topic_name();
+    // An instance just started (or rebalancing) holds nothing yet: wait a
+    // little for a partition to seek.
+    let mut target = None;
+    for _ in 0..20 {
+        match handle.lag().await {
+            Ok(lag) => target = lag.into_iter().find(|l| *l.partition.topic != *retry),
+            Err(e) => tracing::info!(error = %e, "promise checker: lag() failed"),
+        }
+        if target.is_some() || handle.is_shutting_down() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(target) = target else {
+        tracing::info!("promise checker: no partition to seek back");
+        return;
+    };
+    let offset = (target.committed.unwrap_or(0) - back).max(0);
+    let (topic, partition) = (
+        target.partition.topic.to_string(),
+        target.partition.partition,
+    );
+    ctx.recorder
+        .lock()
+        .seeks
+        .push((instance, topic.clone(), partition, Instant::now()));
+    // A rebalance may have taken the partition meanwhile, or librdkafka may
+    // not be fetching it yet: then there is no seek, and nothing to check.
+    match handle.seek(&topic, partition, offset).await {
+        Ok(()) => ctx.recorder.lock().seeks_made += 1,
+        Err(e) => tracing::debug!(error = %e, "promise checker: seek back refused"),
     }
 }
 
@@ -393,6 +438,10 @@ pub async fn run(sc: Arc<Scenario>) -> Run {
             Event::Crash => {
                 log.disturbed = true;
                 let _ = primary_tx.send(Cmd::Crash);
+            }
+            Event::SeekBack(back) => {
+                log.disturbed = true;
+                let _ = primary_tx.send(Cmd::SeekBack(back));
             }
         }
     }

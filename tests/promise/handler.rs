@@ -141,19 +141,33 @@ pub async fn process(ctx: Arc<Ctx>, instance: u32, consumer: Consumer) -> Result
 }
 
 /// The consumer as a stream: each batch goes to a task of its own, which
-/// runs the handler and settles the batch with what it returned.
+/// runs the handler and settles the batch with what it returned, after a
+/// short wait of its own (so batches in flight together settle in an order
+/// of their own). A batch failed as a whole is dropped unsettled every
+/// other time, which the stream counts as that failure.
 async fn through_stream(h: Arc<Handler>, consumer: Consumer) -> Result<(), Error> {
     let mut batches = consumer.stream::<Value>();
+    let mut handed = 0u64;
     while let Some(batch) = batches.next().await {
         let batch = batch?;
         let h = Arc::clone(&h);
+        handed += 1;
+        let (wait, drop_it) = (handed * 7_919 % 6, handed % 2 == 0);
         tokio::spawn(async move {
             let verdict = h.call(batch.messages().to_vec()).await;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
             match verdict {
-                Ok(()) => batch.ack(),
+                Ok(()) => {
+                    batch.ack();
+                }
                 Err(e) => match e.downcast::<Failures>() {
-                    Ok(failures) => batch.fail_some(*failures),
-                    Err(e) => batch.fail(e),
+                    Ok(failures) => {
+                        batch.fail_some(*failures);
+                    }
+                    Err(_) if drop_it => drop(batch),
+                    Err(e) => {
+                        batch.fail(e);
+                    }
                 },
             }
         });

@@ -29,6 +29,8 @@ pub struct Summary {
     pub faults: u64,
     pub restarts: u64,
     pub calls: usize,
+    /// Seeks back asked for, and how many the consumer made.
+    pub seeks: (usize, usize),
     pub seconds: f64,
     /// The violations, empty when the scenario passed.
     pub violations: Vec<check::Violation>,
@@ -54,6 +56,7 @@ pub async fn run_seed(seed: u64, panics: bool) -> (Arc<Scenario>, Summary) {
         faults: log.faults,
         restarts: log.restarts,
         calls: log.calls.len(),
+        seeks: (log.seeks.len(), log.seeks_made),
         seconds: started.elapsed().as_secs_f64(),
         violations,
     };

@@ -81,6 +81,11 @@ pub struct Log {
     pub restarts: u64,
     /// Instances that saw a rebalance, restarts, crashes: the run was not calm.
     pub disturbed: bool,
+    /// Seeks back asked for: (instance, topic, partition, when asked).
+    pub seeks: Vec<(u32, String, i32, Instant)>,
+    /// Of those, the seeks the consumer made (the others found the
+    /// partition gone, or not fetched yet).
+    pub seeks_made: usize,
 }
 
 /// Shared by every member, the watcher and the checker.

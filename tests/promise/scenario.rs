@@ -56,6 +56,9 @@ pub enum Event {
     BrokerDown(i32, u64),
     Shutdown,
     Crash,
+    /// The primary seeks one of its partitions back to this many records
+    /// before its committed offset (`ConsumerHandle::seek`).
+    SeekBack(i64),
 }
 
 /// A backoff as the settings take it.
@@ -379,6 +382,16 @@ impl Scenario {
             .iter()
             .any(|rec| sc.panics && rec.kind == Kind::Good(Fate::PanicFirst));
         sc.stream = !panics && r.chance(0.35);
+
+        // Seeks back, in either mode: a stream of their own too.
+        let mut r = Rng::derived(seed, 9);
+        if r.chance(0.3) {
+            for _ in 0..r.between(1, 3) {
+                let at = r.below(6000);
+                sc.events.push((at, Event::SeekBack(r.pick(&[0, 5, 50]))));
+            }
+            sc.events.sort_by_key(|(at, _)| *at);
+        }
         sc
     }
 
