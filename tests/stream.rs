@@ -18,15 +18,22 @@ use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Every partition of `topic` committed to its end: the commits add up to
-/// the `records` produced (offsets start at 0 and have no holes here).
+/// Waits until every partition of `topic` is committed to its end: the
+/// commits add up to the `records` produced (offsets start at 0 and have no
+/// holes here). Fails after `LIMIT` with what was committed.
 async fn committed_to_end(broker: &EmbeddedBroker, group: &str, topic: &str, records: i64) {
-    let committed = committed(broker, group, topic).await;
-    assert_eq!(
-        committed.values().sum::<i64>(),
-        records,
-        "every partition committed to its end: {committed:?}"
-    );
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let committed = committed(broker, group, topic).await;
+        if committed.values().sum::<i64>() == records {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every partition committed to its end ({records} records): {committed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Batches taken from the stream and acknowledged by other tasks, four in
@@ -309,4 +316,72 @@ async fn events_tell_of_the_assignment_back_pressure_and_the_revoke() {
     };
     assert_eq!(revoked.len(), 2, "both partitions given up at the close");
     within(LIMIT, drain).await.unwrap();
+}
+
+/// Batches acknowledged out of order commit only the contiguous run: the
+/// later batch's ack leaves the commit before the earlier batch, and the
+/// earlier one's ack then moves it past both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_acked_out_of_order_commit_only_the_contiguous_run() {
+    let broker = broker_with("events", 1);
+    produce_numbered(&broker, "events", 0..200).await;
+    let mut settings = consumer_settings(&broker, "g", "events", 100, 100);
+    settings.concurrency = 2;
+    settings.ordering = kafka_batch::settings::HandlingOrder::Unordered;
+    settings.commit_interval_ms = 0;
+    let consumer = Consumer::new(&settings).unwrap();
+    let handle = consumer.handle();
+    let mut batches = consumer.stream::<Value>();
+    let first = within(LIMIT, batches.next()).await.unwrap().unwrap();
+    let second = within(LIMIT, batches.next()).await.unwrap().unwrap();
+    assert_eq!(n_of(&first.messages()[0]), 0);
+    assert_eq!(n_of(&second.messages()[0]), 100);
+    second.ack();
+    wait_until("the later batch counted", LIMIT, || {
+        handle.stats().batches == 1
+    })
+    .await;
+    let early = committed(&broker, "g", "events").await;
+    assert!(
+        early.get(&0).is_none_or(|&c| c == 0),
+        "nothing committed past the unsettled first batch: {early:?}"
+    );
+    first.ack();
+    committed_to_end(&broker, "g", "events", 200).await;
+    handle.close().await.unwrap();
+    assert!(within(LIMIT, batches.next()).await.is_none());
+}
+
+/// Under a `retry` policy a batch dropped unsettled is read again: its
+/// records come back in a later batch, and once that one is acknowledged
+/// everything is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_batch_is_read_again_under_retry() {
+    let broker = broker_with("events", 1);
+    produce_numbered(&broker, "events", 0..100).await;
+    let mut settings = consumer_settings(&broker, "g", "events", 100, 100);
+    settings.failure.policies = vec![FailurePolicy::Retry];
+    settings.failure.retry.backoff_ms = 50;
+    let consumer = Consumer::new(&settings).unwrap();
+    let handle = consumer.handle();
+    let mut batches = consumer.stream::<Value>();
+    let dropped = within(LIMIT, batches.next()).await.unwrap().unwrap();
+    let dropped_ns: Vec<usize> = dropped.messages().iter().map(n_of).collect();
+    drop(dropped);
+    let mut again = BTreeSet::new();
+    while again.len() < dropped_ns.len() {
+        let batch = within(LIMIT, batches.next()).await.unwrap().unwrap();
+        again.extend(batch.messages().iter().map(n_of));
+        batch.ack();
+    }
+    assert_eq!(again, dropped_ns.into_iter().collect::<BTreeSet<_>>());
+    assert!(
+        handle.stats().retries >= 1,
+        "the drop went through the retry policy"
+    );
+    committed_to_end(&broker, "g", "events", 100).await;
+    handle.close().await.unwrap();
+    while let Some(batch) = within(LIMIT, batches.next()).await {
+        batch.unwrap().ack();
+    }
 }
