@@ -211,6 +211,20 @@ async fn a_subscription_replaced_mid_run_reads_only_the_new_topic() {
             handle.set_subscription(&[]).await,
             Err(Error::Control(_))
         ));
+        // Leaving every topic gives every partition up; a pattern then
+        // takes the topics it matches.
+        handle.unsubscribe().await.unwrap();
+        wait_until("every partition given up", LIMIT, || {
+            handle.assignments().concat().is_empty()
+        })
+        .await;
+        handle.subscribe_pattern("fir.*").await.unwrap();
+        assert_eq!(handle.subscription().await.unwrap(), ["^fir.*"]);
+        wait_until("the first topic's partitions held again", LIMIT, || {
+            handle.assignments().concat().len() == 2
+        })
+        .await;
+        committed_to(&broker, "first", &[(0, 50), (1, 20)]).await;
         handle.shutdown();
     };
     let (result, ()) = within(LIMIT, async { tokio::join!(run, check) }).await;
@@ -244,6 +258,8 @@ async fn metadata_watermarks_and_lag() {
             Err(Error::Control(_))
         ));
         assert_eq!(handle.watermarks("events", 1).await.unwrap(), (0, 10));
+        let producer = kafka_batch::Producer::new(&broker.producer_settings()).unwrap();
+        assert_eq!(producer.partitions_for("events").await.unwrap(), partitions);
         committed_to(&broker, "events", &[(0, 10), (1, 10), (2, 10)]).await;
         let lag = handle.lag().await.unwrap();
         assert_eq!(lag.len(), 3);
