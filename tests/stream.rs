@@ -13,7 +13,7 @@ use kafka_batch::consumer::Settled;
 use kafka_batch::replay::Replay;
 use kafka_batch::settings::FailurePolicy;
 use kafka_batch::testing::EmbeddedBroker;
-use kafka_batch::{Consumer, Error, Failures};
+use kafka_batch::{Batch, Consumer, Error, Failures};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -136,11 +136,10 @@ async fn a_batch_dropped_unsettled_fails_and_nothing_of_it_is_committed() {
     );
 }
 
-/// `fail_some` after `retain` names messages by their place in the batch as
-/// it is now: the dead-letter topic gets exactly the records named, the
-/// filtered ones and the acknowledged ones are committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fail_some_after_retain_dead_letters_the_messages_it_names() {
+/// Streams 200 records of `orders` under the `dead_letter` policy, each
+/// batch settled by `settle`, until every record was handed out; returns
+/// the numbers dead-lettered, once every offset is committed.
+async fn dead_letters_when(mut settle: impl FnMut(Batch<Value>)) -> BTreeSet<usize> {
     let broker = broker_with("orders", 1);
     produce_numbered(&broker, "orders", 0..200).await;
     let mut settings = consumer_settings(&broker, "g", "orders", 50, 100);
@@ -149,65 +148,54 @@ async fn fail_some_after_retain_dead_letters_the_messages_it_names() {
     let consumer = Consumer::new(&settings).unwrap();
     let handle = consumer.handle();
     let mut batches = consumer.stream::<Value>();
-    let mut named = BTreeSet::new();
     let mut handed_out = 0;
     within(LIMIT, async {
         while let Some(batch) = batches.next().await {
-            let mut batch = batch.expect("a batch");
+            let batch = batch.expect("a batch");
             handed_out += batch.len();
-            // Keep the odd numbers, and fail the first one kept.
-            batch.retain(|m| n_of(m) % 2 == 1);
-            named.insert(n_of(&batch.messages()[0]));
-            let failed = Failures::at(0, "the first odd one of the batch is poison");
-            assert_eq!(batch.fail_some(failed), Settled::Accepted);
+            settle(batch);
             if handed_out >= 200 {
                 handle.close().await.expect("close");
             }
         }
     })
     .await;
+    committed_to_end(&broker, "g", "orders", 200).await;
     let letters = tokio::task::block_in_place(|| {
         Replay::new(broker.bootstrap_servers(), "orders.dead").read()
     })
     .expect("dead-letter topic read");
-    let dead: BTreeSet<usize> = letters.iter().map(letter_n).collect();
+    assert_eq!(handle.stats().dead_lettered as usize, letters.len());
+    letters.iter().map(letter_n).collect()
+}
+
+/// `fail_some` after `retain` names messages by their place in the batch as
+/// it is now: the dead-letter topic gets exactly the records named, the
+/// filtered ones and the acknowledged ones are committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_some_after_retain_dead_letters_the_messages_it_names() {
+    let mut named = BTreeSet::new();
+    let dead = dead_letters_when(|mut batch| {
+        // Keep the odd numbers, and fail the first one kept.
+        batch.retain(|m| n_of(m) % 2 == 1);
+        named.insert(n_of(&batch.messages()[0]));
+        let failed = Failures::at(0, "the first odd one of the batch is poison");
+        assert_eq!(batch.fail_some(failed), Settled::Accepted);
+    })
+    .await;
     assert_eq!(dead, named, "exactly the messages named were dead-lettered");
-    assert_eq!(handle.stats().dead_lettered as usize, named.len());
-    committed_to_end(&broker, "g", "orders", 200).await;
 }
 
 /// `fail` after `retain` fails the messages kept, and only them: the
 /// filtered ones are settled, not dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_after_retain_dead_letters_only_the_messages_kept() {
-    let broker = broker_with("orders", 1);
-    produce_numbered(&broker, "orders", 0..200).await;
-    let mut settings = consumer_settings(&broker, "g", "orders", 50, 100);
-    settings.failure.policies = vec![FailurePolicy::DeadLetter];
-    settings.failure.dead_letter.topic = "orders.dead".into();
-    let consumer = Consumer::new(&settings).unwrap();
-    let handle = consumer.handle();
-    let mut batches = consumer.stream::<Value>();
-    let mut handed_out = 0;
-    within(LIMIT, async {
-        while let Some(batch) = batches.next().await {
-            let mut batch = batch.expect("a batch");
-            handed_out += batch.len();
-            batch.retain(|m| n_of(m) % 10 == 0);
-            assert_eq!(batch.fail("the downstream refused"), Settled::Accepted);
-            if handed_out >= 200 {
-                handle.close().await.expect("close");
-            }
-        }
+    let dead = dead_letters_when(|mut batch| {
+        batch.retain(|m| n_of(m) % 10 == 0);
+        assert_eq!(batch.fail("the downstream refused"), Settled::Accepted);
     })
     .await;
-    let letters = tokio::task::block_in_place(|| {
-        Replay::new(broker.bootstrap_servers(), "orders.dead").read()
-    })
-    .expect("dead-letter topic read");
-    let dead: BTreeSet<usize> = letters.iter().map(letter_n).collect();
     assert_eq!(dead, (0..200).step_by(10).collect::<BTreeSet<_>>());
-    committed_to_end(&broker, "g", "orders", 200).await;
 }
 
 /// The `n` of a dead letter's record (its envelope, unchanged).

@@ -271,45 +271,44 @@ impl ConsumerHandle {
     /// resumes one the consumer holds paused. Partitions not held now are
     /// paused when they are assigned.
     pub async fn pause(&self, partitions: &[TopicPartition]) -> Result<(), Error> {
-        let partitions = partitions.to_vec();
-        self.on_every_poller(move |consumer, st, _shared| {
-            let owned = held(st);
-            let mut tpl = TopicPartitionList::new();
-            for tp in &partitions {
-                let newly = st.user_paused.insert(tp.clone());
-                if newly && owned.contains(tp) && !paused_by_consumer(st, tp) {
-                    tpl.add_partition(&tp.topic, tp.partition);
-                }
-            }
-            if tpl.count() > 0 {
-                consumer.pause(&tpl)?;
-                tracing::info!(partitions = %super::rebalance::names(&partitions), "partitions paused by the user");
-            }
-            Ok(())
-        })
-        .await?
-        .into_iter()
-        .collect::<Result<(), KafkaError>>()
-        .map_err(Error::Kafka)
+        self.user_pause(partitions, true).await
     }
 
     /// Undoes [`ConsumerHandle::pause`] for `partitions`. A partition the
     /// consumer holds paused itself (back-pressure, a retry's wait, the
     /// in-flight cap) resumes when that ends.
     pub async fn resume(&self, partitions: &[TopicPartition]) -> Result<(), Error> {
+        self.user_pause(partitions, false).await
+    }
+
+    /// Records the user's pause (or its end) in every client, and pauses
+    /// (or resumes) the partitions a client holds that the consumer does
+    /// not keep paused for reasons of its own.
+    async fn user_pause(&self, partitions: &[TopicPartition], pause: bool) -> Result<(), Error> {
         let partitions = partitions.to_vec();
         self.on_every_poller(move |consumer, st, _shared| {
             let owned = held(st);
             let mut tpl = TopicPartitionList::new();
             for tp in &partitions {
-                if st.user_paused.remove(tp) && owned.contains(tp) && !paused_by_consumer(st, tp) {
+                let changed = if pause {
+                    st.user_paused.insert(tp.clone())
+                } else {
+                    st.user_paused.remove(tp)
+                };
+                if changed && owned.contains(tp) && !paused_by_consumer(st, tp) {
                     tpl.add_partition(&tp.topic, tp.partition);
                 }
             }
-            if tpl.count() > 0 {
-                consumer.resume(&tpl)?;
-                tracing::info!(partitions = %super::rebalance::names(&partitions), "partitions resumed by the user");
+            if tpl.count() == 0 {
+                return Ok(());
             }
+            if pause {
+                consumer.pause(&tpl)?;
+            } else {
+                consumer.resume(&tpl)?;
+            }
+            let names = super::rebalance::names(&partitions);
+            tracing::info!(partitions = %names, pause, "partitions paused or resumed by the user");
             Ok(())
         })
         .await?
