@@ -269,3 +269,40 @@ fn what_is_stored_for_the_interval_commit_never_passes_an_open_record() {
     assert!(tracker.finished(&tp, generation, 30));
     assert_eq!(tracker.storable(), vec![(tp, 40)]);
 }
+
+#[test]
+fn a_seek_forward_settles_what_it_skips_and_a_seek_back_never_moves_the_commit_back() {
+    let mut t = OffsetTracker::default();
+    let g = t.assign(tp(0));
+    t.handed_out(&tp(0), 0, 10);
+    t.handed_out(&tp(0), 10, 20);
+    assert!(t.finished(&tp(0), g, 0));
+    t.committed(&tp(0), 10);
+    // Forward from the first record not dealt with (10): 40 skipped, and
+    // the batch of 10..20 still in the handler is forgotten.
+    let (g2, skipped) = t.seek(&tp(0), 50).expect("held");
+    assert_eq!(skipped, Some(40));
+    assert_ne!(g2, g);
+    assert!(
+        !t.finished(&tp(0), g, 10),
+        "the old batch's result is dropped"
+    );
+    assert_eq!(t.committable(), vec![(tp(0), 50)]);
+    t.committed(&tp(0), 50);
+    // Back to 30: read again, nothing skipped, and no commit below 50.
+    let (g3, skipped) = t.seek(&tp(0), 30).expect("held");
+    assert_eq!(skipped, Some(0));
+    assert_eq!(t.committable(), vec![]);
+    t.handed_out(&tp(0), 30, 40);
+    assert!(t.finished(&tp(0), g3, 30));
+    assert_eq!(t.committable(), vec![], "40 is behind the commit at 50");
+    t.handed_out(&tp(0), 40, 60);
+    assert!(t.finished(&tp(0), g3, 40));
+    assert_eq!(t.committable(), vec![(tp(0), 60)]);
+    // Nothing known of a partition (just assigned): the seek's offset is
+    // where it continues, and what a commit there would be.
+    t.assign(tp(1));
+    assert_eq!(t.seek(&tp(1), 7).map(|(_, s)| s), Some(None));
+    assert_eq!(t.committable(), vec![(tp(0), 60), (tp(1), 7)]);
+    assert_eq!(t.seek(&tp(2), 0), None, "a partition not held");
+}
