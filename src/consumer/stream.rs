@@ -373,17 +373,12 @@ impl<T> Batch<T> {
     /// fails, never retried, so filtering never stalls a partition's
     /// commits and never skips one.
     pub fn retain(&mut self, mut keep: impl FnMut(&Message<T>) -> bool) {
-        let mut index = 0;
+        // `retain` visits in order: the same flags serve both vectors.
         let keeps: Vec<bool> = self.messages.iter().map(&mut keep).collect();
-        self.messages.retain(|_| {
-            index += 1;
-            keeps[index - 1]
-        });
-        let mut index = 0;
-        self.positions.retain(|_| {
-            index += 1;
-            keeps[index - 1]
-        });
+        let mut flags = keeps.iter().copied();
+        self.messages.retain(|_| flags.next().unwrap_or(true));
+        let mut flags = keeps.iter().copied();
+        self.positions.retain(|_| flags.next().unwrap_or(true));
     }
 
     /// Every message was dealt with: the batch's offsets are committed.
