@@ -162,7 +162,7 @@ impl ConsumerHandle {
     /// The topics (or patterns) subscribed to, without the library's own
     /// retry topic, sorted.
     pub async fn subscription(&self) -> Result<Vec<String>, Error> {
-        let topics = self
+        let mut topics = self
             .on_poller(0, |consumer, _st, shared| {
                 consumer.subscription().map(|tpl| {
                     tpl.elements()
@@ -173,7 +173,6 @@ impl ConsumerHandle {
                 })
             })
             .await??;
-        let mut topics = topics;
         topics.sort();
         Ok(topics)
     }
@@ -182,7 +181,7 @@ impl ConsumerHandle {
     /// partitions being revoked are left out.
     pub async fn assignment(&self) -> Result<Vec<TopicPartition>, Error> {
         let mut all: Vec<TopicPartition> = self
-            .on_every_poller(|_consumer, st, _shared| held(st))
+            .on_every_poller(|_consumer, st, _shared| st.held())
             .await?
             .into_iter()
             .flatten()
@@ -223,7 +222,7 @@ impl ConsumerHandle {
         let answers = self
             .on_every_poller(
                 |consumer, st, _shared| -> Result<Vec<PartitionLag>, KafkaError> {
-                    let owned = held(st);
+                    let owned = st.held();
                     if owned.is_empty() {
                         return Ok(Vec::new());
                     }
@@ -287,7 +286,7 @@ impl ConsumerHandle {
     async fn user_pause(&self, partitions: &[TopicPartition], pause: bool) -> Result<(), Error> {
         let partitions = partitions.to_vec();
         self.on_every_poller(move |consumer, st, _shared| {
-            let owned = held(st);
+            let owned = st.held();
             let mut tpl = TopicPartitionList::new();
             for tp in &partitions {
                 let changed = if pause {
@@ -388,13 +387,6 @@ pub(crate) fn partitions_of(
         .collect();
     partitions.sort_by_key(|p| p.partition);
     Ok(partitions)
-}
-
-/// The partitions held and not being revoked.
-fn held(st: &PollerState) -> Vec<TopicPartition> {
-    let mut held = st.tracker.partitions();
-    held.retain(|tp| st.tracker.generation(tp).is_some());
-    held
 }
 
 /// True when the consumer keeps `tp` paused for reasons of its own.

@@ -232,9 +232,7 @@ impl ConsumerHandle {
         self.clients
             .iter()
             .map(|(shared, _)| {
-                let st = shared.lock();
-                let mut held = st.tracker.partitions();
-                held.retain(|tp| st.tracker.generation(tp).is_some());
+                let mut held = shared.lock().held();
                 held.sort();
                 held
             })

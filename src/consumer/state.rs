@@ -206,6 +206,15 @@ pub(super) struct PollerState {
     pub(super) user_paused: HashSet<TopicPartition>,
 }
 
+impl PollerState {
+    /// The partitions held and not being revoked (in no order).
+    pub(super) fn held(&self) -> Vec<TopicPartition> {
+        let mut held = self.tracker.partitions();
+        held.retain(|tp| self.tracker.generation(tp).is_some());
+        held
+    }
+}
+
 /// A batch handed to the runner: which ranges it holds.
 pub(super) struct InFlight {
     pub(super) id: u64,
