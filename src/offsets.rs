@@ -113,7 +113,8 @@ struct PartitionOffsets {
     handed_out: VecDeque<HandedOut>,
     /// One past the last offset of the contiguous finished run.
     watermark: Option<i64>,
-    /// The last offset committed for this generation.
+    /// The last offset committed: by this consumer, or by the group before
+    /// the partition was assigned (when the assignment could read it).
     committed: Option<i64>,
     /// The last offset stored for librdkafka's interval commit (at least
     /// `committed` once anything was committed).
@@ -178,6 +179,17 @@ pub struct OffsetTracker {
 impl OffsetTracker {
     /// Starts a new assignment of `tp`, forgetting anything known of an older one.
     pub fn assign(&mut self, tp: TopicPartition) -> Generation {
+        self.assign_at(tp, None)
+    }
+
+    /// [`OffsetTracker::assign`], knowing the group's committed offset:
+    /// nothing at or below it is committed (or stored) again, so a seek
+    /// back before anything was read does not move the group's commit back.
+    pub(crate) fn assign_at(
+        &mut self,
+        tp: TopicPartition,
+        group_committed: Option<i64>,
+    ) -> Generation {
         self.next_generation += 1;
         let generation = self.next_generation;
         self.partitions.insert(
@@ -186,8 +198,8 @@ impl OffsetTracker {
                 generation,
                 handed_out: VecDeque::new(),
                 watermark: None,
-                committed: None,
-                stored: None,
+                committed: group_committed,
+                stored: group_committed,
                 revoking: false,
             },
         );

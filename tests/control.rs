@@ -280,3 +280,47 @@ async fn metadata_watermarks_and_lag() {
     let (result, ()) = within(LIMIT, async { tokio::join!(run, check) }).await;
     result.unwrap();
 }
+
+/// A seek back on a partition nothing was read of yet, whose records the
+/// group committed before, leaves the group's commit where it was (promise
+/// checker seed 2259: the seek's offset was committed at shutdown, moving
+/// the group's commit back by 50 records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_back_before_anything_was_read_keeps_the_groups_commit() {
+    let broker = broker_with("events", 1);
+    produce_to(&broker, "events", 0, 0..100);
+    let settings = lane_settings(&broker, "events", 1, HandlingOrder::Partition);
+    let first = Consumer::new(&settings).unwrap();
+    let first_handle = first.handle();
+    let first_run = tokio::spawn(first.process(async |_b: Vec<Message>| anyhow::Ok(())));
+    committed_to(&broker, "events", &[(0, 100)]).await;
+    first_handle.close().await.unwrap();
+    within(LIMIT, first_run).await.unwrap().unwrap();
+
+    let second = Consumer::new(&settings).unwrap();
+    let handle = second.handle();
+    let handled = Mutex::new(0usize);
+    let run = second.process(async |batch: Vec<Message>| {
+        *handled.lock().unwrap() += batch.len();
+        anyhow::Ok(())
+    });
+    let p0 = TopicPartition::new("events", 0);
+    let check = async {
+        wait_until("the partition assigned", LIMIT, || {
+            handle.stats().assigned >= 1
+        })
+        .await;
+        // Paused, so that nothing is read after the seek either.
+        handle.pause(std::slice::from_ref(&p0)).await.unwrap();
+        handle.seek("events", 0, 50).await.unwrap();
+        handle.close().await.unwrap();
+    };
+    let (outcome, ()) = within(LIMIT, async { tokio::join!(run, check) }).await;
+    outcome.unwrap();
+    assert_eq!(*handled.lock().unwrap(), 0, "nothing was read");
+    assert_eq!(
+        broker.committed_offsets("lanes", "events").unwrap().get(&0),
+        Some(&100),
+        "the group's commit did not move back"
+    );
+}

@@ -252,7 +252,7 @@ impl PollerContext {
         }
         let mut st = self.shared.lock();
         for tp in &tps {
-            let generation = st.tracker.assign(tp.clone());
+            let generation = st.tracker.assign_at(tp.clone(), starts.get(tp).copied());
             self.shared.publish_generation(tp, Some(generation));
             st.expectations.push(Expectation {
                 tp: tp.clone(),

@@ -306,3 +306,31 @@ fn a_seek_forward_settles_what_it_skips_and_a_seek_back_never_moves_the_commit_b
     assert_eq!(t.committable(), vec![(tp(0), 60), (tp(1), 7)]);
     assert_eq!(t.seek(&tp(2), 0), None, "a partition not held");
 }
+
+#[test]
+fn a_seek_back_before_anything_was_read_keeps_the_groups_commit() {
+    // Assigned with the group's commit at 122, nothing read yet (promise
+    // seed 2259: a seek back to 72 was committed at shutdown, moving the
+    // group's commit back by 50).
+    let mut t = OffsetTracker::default();
+    t.assign_at(tp(0), Some(122));
+    let (g, skipped) = t.seek(&tp(0), 72).expect("held");
+    assert_eq!(skipped, Some(0), "a seek back skips nothing");
+    assert_eq!(
+        t.committable(),
+        vec![],
+        "nothing to commit: 122 is the commit"
+    );
+    assert_eq!(t.storable(), vec![]);
+    t.handed_out(&tp(0), 72, 100);
+    assert!(t.finished(&tp(0), g, 72));
+    assert_eq!(t.committable(), vec![], "100 is behind the group's commit");
+    assert_eq!(t.storable(), vec![]);
+    t.handed_out(&tp(0), 100, 130);
+    assert!(t.finished(&tp(0), g, 100));
+    assert_eq!(t.committable(), vec![(tp(0), 130)]);
+    // Forward from the group's commit: what lies between is skipped.
+    t.assign_at(tp(1), Some(10));
+    assert_eq!(t.seek(&tp(1), 25).map(|(_, s)| s), Some(Some(15)));
+    assert_eq!(t.committable(), vec![(tp(0), 130), (tp(1), 25)]);
+}
