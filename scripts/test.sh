@@ -7,7 +7,7 @@
 #           cluster, on loopback, inside each test process): the promise
 #           checker (tests/promise.rs), the regressions, the kafka-batch
 #           command run as a user would, the Prometheus endpoint scraped over
-#           HTTP; and doc tests
+#           HTTP, the job queue (tests/jobs.rs); and doc tests
 #   bad input: 1,000,000 arbitrary keys, values and headers through the
 #           decoder, in release mode (tests/decode_fuzz.rs)
 #   tier 3: reliability on a real broker: tansu (an Apache Kafka compatible
@@ -15,7 +15,9 @@
 #           cores), started on a free loopback port and stopped by its
 #           process id when this script ends, pass or fail; consumer group
 #           member processes joined, left, killed with SIGKILL and stopped
-#           with SIGTERM (tests/real_broker.rs, examples/group_member.rs)
+#           with SIGTERM (tests/real_broker.rs, examples/group_member.rs);
+#           the job queue's topics created and its jobs run
+#           (tests/real_broker_jobs.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -97,3 +99,5 @@ echo "tansu $TANSU_VERSION (pid $tansu_pid) listening on 127.0.0.1:$port"
 REAL_BROKER_BOOTSTRAP="127.0.0.1:$port" \
 REAL_BROKER_MEMBER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/group_member" \
   cargo test --release --test real_broker -- --test-threads=1
+REAL_BROKER_BOOTSTRAP="127.0.0.1:$port" \
+  cargo test --release --test real_broker_jobs

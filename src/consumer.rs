@@ -52,6 +52,8 @@ pub(crate) use control::partitions_of;
 pub use control::{PartitionInfo, PartitionLag};
 pub use events::{ConsumerEvent, ConsumerEvents};
 pub use handle::ConsumerHandle;
+pub(crate) use policy::unit_random;
+pub(crate) use runner::panic_message;
 pub use runner::HandlerTimeout;
 pub use stats::ConsumerStats;
 pub use stream::{Batch, BatchStream, Settled};

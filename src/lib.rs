@@ -44,6 +44,7 @@ pub mod consumer;
 pub mod envelope;
 mod error;
 pub mod failure;
+pub mod jobs;
 pub mod metrics;
 pub mod offsets;
 pub mod producer;

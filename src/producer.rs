@@ -162,6 +162,19 @@ impl Producer {
         topic: &str,
         messages: &[Message<T>],
     ) -> Result<Vec<Delivery>, Error> {
+        self.produce_batch_with_headers(topic, messages, |_| None)
+            .await
+    }
+
+    /// [`Producer::produce_batch`], with headers for each record
+    /// (`headers_of(index)`): the job queue's delayed and dead records carry
+    /// the failure chain's headers.
+    pub(crate) async fn produce_batch_with_headers<T: Serialize>(
+        &self,
+        topic: &str,
+        messages: &[Message<T>],
+        headers_of: impl Fn(usize) -> Option<rdkafka::message::OwnedHeaders>,
+    ) -> Result<Vec<Delivery>, Error> {
         let batch = Arc::new(BatchDeliveries::new(messages.len()));
         let dt = format_dt(OffsetDateTime::now_utc());
         let mut value = Vec::with_capacity(256);
@@ -180,6 +193,7 @@ impl Producer {
             )
             .payload(value.as_slice());
             record.key = key_of(&message.id);
+            record.headers = headers_of(index);
             loop {
                 match self.inner.send(record) {
                     Ok(()) => break,

@@ -75,7 +75,7 @@ pub struct ReplayReport {
 
 /// Reads a dead-letter topic, or a slice of it, and replays it. See the
 /// [module docs](self).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Replay {
     bootstrap_servers: String,
     kafka: KafkaProperties,
@@ -83,6 +83,41 @@ pub struct Replay {
     partition: Option<i32>,
     offsets: Option<Range<i64>>,
     to: Option<String>,
+    filter: Option<Arc<DeadLetterFilter>>,
+}
+
+/// A predicate choosing which dead letters [`Replay::run`] writes back.
+type DeadLetterFilter = dyn Fn(&DeadLetter) -> bool + Send + Sync;
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replay")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offsets", &self.offsets)
+            .field("to", &self.to)
+            .field("filtered", &self.filter.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadLetter {
+    /// The record's parts and what its failure headers say.
+    fn from_record(r: KeptRecord) -> DeadLetter {
+        DeadLetter {
+            partition: r.partition,
+            offset: r.offset,
+            info: FailureInfo::from_headers(
+                r.headers
+                    .iter()
+                    .map(|h| (h.key.as_slice(), h.value.as_deref())),
+            ),
+            headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            key: r.key,
+            value: r.value,
+        }
+    }
 }
 
 impl Replay {
@@ -96,6 +131,7 @@ impl Replay {
             partition: None,
             offsets: None,
             to: None,
+            filter: None,
         }
     }
 
@@ -115,6 +151,17 @@ impl Replay {
     /// Only records whose offset in the dead-letter topic is in `offsets`.
     pub fn offsets(mut self, offsets: Range<i64>) -> Replay {
         self.offsets = Some(offsets);
+        self
+    }
+
+    /// Only the records `filter` selects (by what their headers say, their
+    /// key or their value): [`JobQueue::retry_dead`](crate::jobs::JobQueue::retry_dead)
+    /// picks jobs by id this way. Others are left where they are.
+    pub fn matching(
+        mut self,
+        filter: impl Fn(&DeadLetter) -> bool + Send + Sync + 'static,
+    ) -> Replay {
+        self.filter = Some(Arc::new(filter));
         self
     }
 
@@ -140,18 +187,7 @@ impl Replay {
             .read_records()?
             .0
             .into_iter()
-            .map(|r| DeadLetter {
-                partition: r.partition,
-                offset: r.offset,
-                info: FailureInfo::from_headers(
-                    r.headers
-                        .iter()
-                        .map(|h| (h.key.as_slice(), h.value.as_deref())),
-                ),
-                headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
-                key: r.key,
-                value: r.value,
-            })
+            .map(DeadLetter::from_record)
             .collect())
     }
 
@@ -249,6 +285,11 @@ impl Replay {
         };
         let mut pending = Vec::with_capacity(records.len());
         for record in &records {
+            if let Some(filter) = &self.filter {
+                if !filter(&DeadLetter::from_record(record.clone())) {
+                    continue;
+                }
+            }
             let info = FailureInfo::from_headers(
                 record
                     .headers

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 mod consumer;
 mod failure;
+mod jobs;
 mod kafka_properties;
 mod lanes;
 mod metrics;
@@ -46,6 +47,7 @@ pub use consumer::{ConsumerSettings, OnGap, CONSUMER_DEFAULTS};
 pub use failure::{
     Backoff, DeadLetterSettings, FailurePolicy, FailureSettings, RetrySettings, RetryTopicSettings,
 };
+pub use jobs::JobsSettings;
 pub use kafka_properties::KafkaProperties;
 pub use lanes::HandlingOrder;
 pub use metrics::{MetricsSettings, DEFAULT_STATISTICS_INTERVAL_MS};
@@ -126,6 +128,8 @@ pub struct Settings {
     /// The Prometheus endpoint and librdkafka's statistics (the consumer
     /// gets a copy, [`ConsumerSettings::metrics`]).
     pub metrics: MetricsSettings,
+    /// The job queue ([`crate::jobs`]).
+    pub jobs: JobsSettings,
 }
 
 impl Default for Settings {
@@ -137,6 +141,7 @@ impl Default for Settings {
             consumer: ConsumerSettings::default(),
             producer: ProducerSettings::default(),
             metrics: MetricsSettings::default(),
+            jobs: JobsSettings::default(),
         }
     }
 }
@@ -234,6 +239,7 @@ impl Settings {
         self.metrics.validate()?;
         self.consumer.check_values()?;
         self.producer.kafka.check_reserved("producer.kafka")?;
+        self.jobs.validate()?;
         Ok(())
     }
 }

@@ -439,13 +439,15 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
                     key: start..self.batch.keys.len(),
                     hist: parts.hist,
                 });
-                self.batch.messages.push(Message::consumed(
+                let mut message = Message::consumed(
                     parts.payload,
                     &range.tp.topic,
                     record.partition,
                     record.offset,
                     range.generation,
-                ));
+                );
+                message.set_failed_attempts(state.attempts);
+                self.batch.messages.push(message);
                 self.bytes += size;
             }
             Ok(Some(parts)) => {
@@ -457,6 +459,7 @@ impl<T: DeserializeOwned> BatchBuilder<T> {
                     range.generation,
                 );
                 message.set_source(parts.key, parts.hist);
+                message.set_failed_attempts(state.attempts);
                 if self.keep_state {
                     let raw = copy(&range.tp.topic);
                     self.batch.kept.push(Kept {

@@ -20,6 +20,9 @@ pub struct Origin {
     /// so that a manual commit settles this reading of the record and no
     /// later one.
     pub(crate) generation: crate::offsets::Generation,
+    /// Times a handler failed this record before this delivery (from the
+    /// failure chain: a retry in place, or the retry topic's headers).
+    pub(crate) failed_attempts: u32,
 }
 
 /// One message: an id, a payload of the user's type, and where it came from.
@@ -111,8 +114,31 @@ impl<T> Message<T> {
                 partition,
                 offset,
                 generation,
+                failed_attempts: 0,
             }),
         }
+    }
+
+    /// Records that a handler failed this consumed message `failed` times
+    /// before this delivery.
+    pub(crate) fn set_failed_attempts(&mut self, failed: u32) {
+        if let Some(origin) = &mut self.origin {
+            origin.failed_attempts = failed;
+        }
+    }
+
+    /// Which delivery of its record this is: 1 the first time a handler
+    /// gets it, 2 after one failure retried (in place or through the retry
+    /// topic), and so on; 1 for a message built in code.
+    ///
+    /// Counted by the failure chain, so it survives a trip through the
+    /// retry topic (its `kafka-batch-attempts` header). A record read again
+    /// after a crash or a rebalance starts from what the chain last wrote:
+    /// that delivery was not a failure the handler returned.
+    pub fn attempt(&self) -> u32 {
+        self.origin
+            .as_ref()
+            .map_or(1, |o| o.failed_attempts.saturating_add(1))
     }
 
     /// Sets a consumed message's id (the record key) and its one ref: the

@@ -535,3 +535,41 @@ fn an_in_flight_cap_below_the_batch_size_is_refused() {
         Ok(())
     });
 }
+
+#[test]
+fn the_jobs_table_from_toml_and_env_with_names_after_the_queue() {
+    Jail::expect_with(|jail| {
+        jail.set_env("KAFKA_BATCH_JOBS__CONCURRENCY", "32");
+        let s = load_in(
+            jail,
+            r#"
+            [jobs]
+            queue = "mail"
+            dead_topic = "mail.graveyard"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(s.jobs.concurrency, 32, "env beats the file");
+        assert_eq!(s.jobs.active(), "mail.jobs");
+        assert_eq!(s.jobs.delayed(), "mail.delayed");
+        assert_eq!(s.jobs.dead(), "mail.graveyard", "a name set is kept");
+        assert_eq!(s.jobs.group(), "mail.workers");
+        assert_eq!(s.jobs.results(), None);
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        let same = message(load_in(
+            jail,
+            "[jobs]\nqueue = \"q\"\ndelayed_topic = \"q.jobs\"\n",
+        ));
+        assert!(same.contains("must differ"), "{same}");
+        let none = message(load_in(jail, "[jobs]\nconcurrency = 0\n"));
+        assert!(
+            none.contains("jobs.concurrency") && none.contains("1 or more"),
+            "{none}"
+        );
+        let results = message(load_in(jail, "[jobs]\nresults_topic = \"default.dead\"\n"));
+        assert!(results.contains("jobs.results_topic"), "{results}");
+        Ok(())
+    });
+}
