@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (each test starts its own embedded broker).
 #![allow(dead_code)]
 
+pub mod jobs;
 pub mod lanes;
 
 use std::future::Future;
