@@ -175,36 +175,37 @@ pub(crate) struct Registered {
 impl Registered {
     /// A definition that takes the job itself.
     pub fn untyped(definition: JobDefinition<super::Job>) -> Registered {
-        let perform = definition.perform;
-        Registered {
-            retries: definition.retries,
-            backoff: definition.backoff,
-            timeout: definition.timeout,
-            fifo: definition.fifo,
-            start: Box::new(move |job| Ok(perform.perform(job))),
-        }
+        let perform = Arc::clone(&definition.perform);
+        Registered::with_start(definition, move |job| Ok(perform.perform(job)))
     }
 
     /// A definition that takes the job's arguments as `A`.
     pub fn typed<A: serde::de::DeserializeOwned + 'static>(
         definition: JobDefinition<A>,
     ) -> Registered {
-        let perform = definition.perform;
+        let perform = Arc::clone(&definition.perform);
+        Registered::with_start(definition, move |job| {
+            let args = A::deserialize(job.args).map_err(|e| {
+                format!(
+                    "the arguments of job {:?} do not fit {}: {e}",
+                    job.id,
+                    std::any::type_name::<A>()
+                )
+            })?;
+            Ok(perform.perform(args))
+        })
+    }
+
+    fn with_start<A>(
+        definition: JobDefinition<A>,
+        start: impl Fn(super::Job) -> Result<JobFuture, String> + Send + Sync + 'static,
+    ) -> Registered {
         Registered {
             retries: definition.retries,
             backoff: definition.backoff,
             timeout: definition.timeout,
             fifo: definition.fifo,
-            start: Box::new(move |job| {
-                let args = A::deserialize(job.args).map_err(|e| {
-                    format!(
-                        "the arguments of job {:?} do not fit {}: {e}",
-                        job.id,
-                        std::any::type_name::<A>()
-                    )
-                })?;
-                Ok(perform.perform(args))
-            }),
+            start: Box::new(start),
         }
     }
 

@@ -143,15 +143,10 @@ pub(crate) async fn waiting(settings: &Settings) -> Result<Waiting, Error> {
         let metadata = client.fetch_metadata(None, REQUEST_TIMEOUT)?;
         let mut lags = [0i64; 2];
         for (lag, topic) in lags.iter_mut().zip(&topics) {
-            let partitions: Vec<i32> = metadata
-                .topics()
+            let partitions: Vec<i32> = crate::consumer::partitions_of(&metadata, topic)?
                 .iter()
-                .filter(|t| t.name() == topic)
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .map(|p| p.partition)
                 .collect();
-            if partitions.is_empty() {
-                continue;
-            }
             let mut tpl = TopicPartitionList::with_capacity(partitions.len());
             for p in &partitions {
                 tpl.add_partition(topic, *p);
