@@ -192,8 +192,9 @@ impl JobQueue {
 
     /// Writes a job to the delayed topic, to run at `at` and not before
     /// (see the [module docs](self) for how much later at most).
-    pub async fn enqueue_at(&self, job: Job, at: SystemTime) -> Result<Delivery, Error> {
+    pub async fn enqueue_at(&self, job: Job, at: impl Into<SystemTime>) -> Result<Delivery, Error> {
         let due_ms = at
+            .into()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let mut deliveries = self
@@ -367,14 +368,7 @@ impl JobQueue {
     /// (`|dead: &DeadJob| dead.job.name == "mail"`). Returns how many were
     /// put back. The dead topic is a log: they stay listed there.
     pub async fn retry_dead(&self, which: impl DeadSelection) -> Result<usize, Error> {
-        let topic = self.settings.jobs.dead();
-        let replay = crate::replay::Replay::new(&self.settings.producer.bootstrap_servers, &topic)
-            .kafka(&self.settings.kafka)
-            .to_topic(&self.settings.jobs.active())
-            .matching(move |dead| {
-                DeadJob::from_record(&topic, dead).is_some_and(|job| which.selects(&job))
-            });
-        Ok(replay.run().await?.replayed)
+        retry_dead(&self.settings, which).await
     }
 }
 
@@ -384,6 +378,20 @@ async fn work(consumer: Consumer, worker: Worker) -> Result<(), Error> {
     consumer
         .process(async move |batch| worker.handle(batch).await)
         .await
+}
+
+/// Puts the dead jobs `which` selects back on the active topic of the
+/// `[jobs]` table in `settings` (see [`JobQueue::retry_dead`]), through
+/// [`Replay`](crate::replay::Replay): the records as they were enqueued,
+/// without the failure headers. Returns how many were put back.
+pub async fn retry_dead(settings: &Settings, which: impl DeadSelection) -> Result<usize, Error> {
+    let topic = settings.jobs.dead();
+    let selects = which.into_filter();
+    let replay = crate::replay::Replay::new(&settings.producer.bootstrap_servers, &topic)
+        .kafka(&settings.kafka)
+        .to_topic(&settings.jobs.active())
+        .matching(move |dead| DeadJob::from_record(&topic, dead).is_some_and(|job| selects(&job)));
+    Ok(replay.run().await?.replayed)
 }
 
 /// Every job on the dead topic of the `[jobs]` table in `settings`, oldest
@@ -403,33 +411,65 @@ pub async fn dead(settings: &Settings) -> Result<Vec<DeadJob>, Error> {
         .collect())
 }
 
-/// Which dead jobs [`JobQueue::retry_dead`] puts back: a list of job ids,
-/// or a filter `Fn(&DeadJob) -> bool`.
-pub trait DeadSelection: Send + Sync + 'static {
-    /// True for a job to put back.
-    fn selects(&self, dead: &DeadJob) -> bool;
+/// Which dead jobs [`JobQueue::retry_dead`] puts back: job ids (`&["id-1",
+/// "id-2"]`, a `Vec<String>`, a slice of either) or a filter
+/// `Fn(&DeadJob) -> bool`.
+///
+/// ```no_run
+/// use kafka_batch::jobs::{DeadJob, JobQueue};
+///
+/// # async fn retry(queue: &JobQueue, ids: Vec<String>) -> Result<(), kafka_batch::Error> {
+/// queue.retry_dead(&["0f3c9a", "7d21b4"]).await?;
+/// queue.retry_dead(ids.as_slice()).await?;
+/// let put_back = queue.retry_dead(|dead: &DeadJob| dead.reason == "unknown_job").await?;
+/// println!("{put_back} jobs back on the active topic");
+/// # Ok(()) }
+/// ```
+pub trait DeadSelection {
+    /// The selection as a filter.
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync>;
 }
 
 impl<F: Fn(&DeadJob) -> bool + Send + Sync + 'static> DeadSelection for F {
-    fn selects(&self, dead: &DeadJob) -> bool {
-        self(dead)
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+        Box::new(self)
     }
+}
+
+/// Job ids, owned so the filter outlives the caller's list.
+fn by_ids<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+    let ids: std::collections::HashSet<String> = ids.into_iter().map(str::to_owned).collect();
+    Box::new(move |dead| ids.contains(&dead.job.id))
 }
 
 impl DeadSelection for Vec<String> {
-    fn selects(&self, dead: &DeadJob) -> bool {
-        self.contains(&dead.job.id)
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+        by_ids(self.iter().map(String::as_str))
     }
 }
 
-impl DeadSelection for &'static [&'static str] {
-    fn selects(&self, dead: &DeadJob) -> bool {
-        self.contains(&dead.job.id.as_str())
+impl DeadSelection for &[String] {
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+        by_ids(self.iter().map(String::as_str))
     }
 }
 
-impl<const N: usize> DeadSelection for [&'static str; N] {
-    fn selects(&self, dead: &DeadJob) -> bool {
-        self.contains(&dead.job.id.as_str())
+impl DeadSelection for &[&str] {
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+        by_ids(self.iter().copied())
+    }
+}
+
+impl<const N: usize> DeadSelection for [&str; N] {
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+        by_ids(self)
+    }
+}
+
+impl<const N: usize> DeadSelection for &[&str; N] {
+    fn into_filter(self) -> Box<dyn Fn(&DeadJob) -> bool + Send + Sync> {
+        by_ids(self.iter().copied())
     }
 }
