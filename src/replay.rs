@@ -155,8 +155,9 @@ impl Replay {
     }
 
     /// Only the records `filter` selects (by what their headers say, their
-    /// key or their value): [`JobQueue::retry_dead`](crate::jobs::JobQueue::retry_dead)
-    /// picks jobs by id this way. Others are left where they are.
+    /// key or their value), for [`Replay::read`] and [`Replay::run`]:
+    /// [`JobQueue::retry_dead`](crate::jobs::JobQueue::retry_dead) picks
+    /// jobs by id this way. Others are left where they are.
     pub fn matching(
         mut self,
         filter: impl Fn(&DeadLetter) -> bool + Send + Sync + 'static,
@@ -188,6 +189,7 @@ impl Replay {
             .0
             .into_iter()
             .map(DeadLetter::from_record)
+            .filter(|d| self.filter.as_ref().is_none_or(|selects| selects(d)))
             .collect())
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::jobs::{doubling, queue_on, queue_stats, spawn_run};
 use common::*;
-use kafka_batch::jobs::{Job, JobDefinition, JobQueue};
+use kafka_batch::jobs::{DeadJob, Job, JobDefinition, JobQueue};
 use kafka_batch::testing::EmbeddedBroker;
 use kafka_batch::Settings;
 use serde::Deserialize;
@@ -192,6 +192,16 @@ async fn unknown_names_and_bad_args_go_to_the_dead_topic() {
     assert_eq!(reason(&unknown.id).as_deref(), Some("unknown_job"));
     assert_eq!(reason(&bad.id).as_deref(), Some("bad_args"));
     assert_eq!(dead.len(), 2, "only those two jobs are dead: {dead:?}");
+    // A filter picks among the dead (the record that is no job never matches).
+    let put_back = queue
+        .retry_dead(|d: &DeadJob| d.reason == "unknown_job")
+        .await
+        .unwrap();
+    assert_eq!(put_back, 1, "only the unknown job went back");
+    wait_until("the unknown job is dead again", LIMIT, || {
+        queue_stats(&queue, "subtract").1 == 2
+    })
+    .await;
     queue.shutdown();
     within(LIMIT, run).await.unwrap().unwrap();
 }
