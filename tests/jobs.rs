@@ -27,7 +27,7 @@ async fn retries_back_off_into_the_dead_topic_and_retry_dead_brings_a_job_back()
     let broker = EmbeddedBroker::start().unwrap();
     init_tracing();
     let settings = queue_on(&broker, "retries", 2).await;
-    let runs: Arc<Mutex<Vec<(String, Instant, Instant)>>> = Arc::default();
+    let runs: Arc<Mutex<Vec<String>>> = Arc::default();
     let fixed = Arc::new(AtomicBool::new(false));
     let mut queue = JobQueue::new(&settings).unwrap();
     let flaky_runs = Arc::clone(&runs);
@@ -35,16 +35,11 @@ async fn retries_back_off_into_the_dead_topic_and_retry_dead_brings_a_job_back()
         JobDefinition::new("flaky", move |job: Job| {
             let runs = Arc::clone(&flaky_runs);
             async move {
-                let started = Instant::now();
-                let before = runs
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|r| r.0 == job.name)
-                    .count();
-                runs.lock()
-                    .unwrap()
-                    .push((job.name.clone(), started, Instant::now()));
+                let before = {
+                    let mut runs = runs.lock().unwrap();
+                    runs.push(job.name.clone());
+                    runs.iter().filter(|r| **r == job.name).count() - 1
+                };
                 if before < 2 {
                     anyhow::bail!("run {} of {} fails", before + 1, job.id)
                 }
@@ -59,9 +54,7 @@ async fn retries_back_off_into_the_dead_topic_and_retry_dead_brings_a_job_back()
         JobDefinition::new("doomed", move |job: Job| {
             let (runs, fixed) = (Arc::clone(&doomed_runs), Arc::clone(&doomed_fixed));
             async move {
-                runs.lock()
-                    .unwrap()
-                    .push((job.name.clone(), Instant::now(), Instant::now()));
+                runs.lock().unwrap().push(job.name.clone());
                 if !fixed.load(Ordering::Acquire) {
                     anyhow::bail!("the mail server refused {}", job.id)
                 }
@@ -73,11 +66,12 @@ async fn retries_back_off_into_the_dead_topic_and_retry_dead_brings_a_job_back()
     );
     let queue = Arc::new(queue);
     let doomed = Job::new("doomed", json!({"to": "nobody"}));
-    queue.enqueue(Job::new("flaky", json!({}))).await.unwrap();
+    let flaky = Job::new("flaky", json!({}));
+    queue.enqueue(flaky.clone()).await.unwrap();
     queue.enqueue(doomed.clone()).await.unwrap();
     let run = spawn_run(&queue);
 
-    let count = |name: &str| runs.lock().unwrap().iter().filter(|r| r.0 == name).count();
+    let count = |name: &str| runs.lock().unwrap().iter().filter(|r| *r == name).count();
     wait_until("flaky succeeded", LIMIT, || {
         queue_stats(&queue, "flaky").0 == 1
     })
@@ -92,22 +86,23 @@ async fn retries_back_off_into_the_dead_topic_and_retry_dead_brings_a_job_back()
         "two failures, then the run that succeeded"
     );
     assert_eq!(count("doomed"), 3, "retries 2: three runs");
-    // Each retry came no earlier than its backoff after the run before it:
-    // 200 ms, then 400 ms (waits grow; under load they only grow longer).
-    let starts: Vec<Instant> = runs
-        .lock()
-        .unwrap()
+    // The waits grow as the backoff says: each retry record on the delayed
+    // topic is due 200 ms, then 400 ms, after the failure it records.
+    let delayed = kafka_batch::replay::Replay::new(broker.bootstrap_servers(), "retries.delayed")
+        .read()
+        .unwrap();
+    let mut waits: Vec<(u32, i64)> = delayed
         .iter()
-        .filter(|r| r.0 == "flaky")
-        .map(|r| r.1)
+        .filter(|r| r.key.as_deref() == Some(flaky.id.as_bytes()))
+        .map(|r| {
+            let failed_at = kafka_batch::envelope::parse_dt(r.info.failed_at.as_deref().unwrap())
+                .expect("an RFC 3339 failed-at header");
+            let failed_ms = (failed_at.unix_timestamp_nanos() / 1_000_000) as i64;
+            (r.info.retries, r.info.due_ms.unwrap() - failed_ms)
+        })
         .collect();
-    for (i, want) in [(1, 200), (2, 400)] {
-        let gap = starts[i] - starts[i - 1];
-        assert!(
-            gap >= Duration::from_millis(want),
-            "retry {i} came after {gap:?}, before its {want} ms backoff"
-        );
-    }
+    waits.sort();
+    assert_eq!(waits, [(1, 200), (2, 400)], "retry number and wait (ms)");
     let stats = queue.stats().await.unwrap();
     assert_eq!(stats.of("flaky").retried, 2);
     assert_eq!(stats.of("doomed").retried, 2);

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
 
@@ -85,9 +84,13 @@ impl Worker {
                 let wait = definition
                     .backoff
                     .wait(attempt, crate::consumer::unit_random());
-                let due_ms = now_ms().saturating_add(wait.as_millis() as i64);
+                // One clock reading for both headers: due minus failed-at is
+                // exactly the backoff.
+                let failed_at = OffsetDateTime::now_utc();
+                let failed_ms = (failed_at.unix_timestamp_nanos() / 1_000_000) as i64;
+                let due_ms = failed_ms.saturating_add(wait.as_millis() as i64);
                 tracing::info!(job = %job.id, name = %job.name, attempt, wait_ms = wait.as_millis() as u64, error = %why, "job failed: retried through the delayed topic");
-                let mut added = self.failure_headers(message, FAILED, &why, attempt);
+                let mut added = self.failure_headers(message, FAILED, &why, attempt, failed_at);
                 added.push((headers::RETRIES, attempt.to_string()));
                 added.push((headers::DUE_MS, due_ms.to_string()));
                 self.write(&self.delayed_topic, message, &added).await?;
@@ -109,7 +112,7 @@ impl Worker {
         why: &str,
         attempt: u32,
     ) -> Result<(), Error> {
-        let added = self.failure_headers(message, reason, why, attempt);
+        let added = self.failure_headers(message, reason, why, attempt, OffsetDateTime::now_utc());
         self.write(&self.dead_topic, message, &added).await?;
         self.counters
             .count(&message.payload.name, Event::Dead(reason), 1);
@@ -124,6 +127,7 @@ impl Worker {
         reason: &'static str,
         why: &str,
         attempts: u32,
+        failed_at: OffsetDateTime,
     ) -> Vec<(&'static str, String)> {
         let mut added = Vec::with_capacity(11);
         if let Some(origin) = message.origin() {
@@ -137,7 +141,7 @@ impl Worker {
             (headers::ATTEMPTS, attempts.to_string()),
             (headers::REASON, reason.to_owned()),
             (headers::ERROR, cap(why)),
-            (headers::FAILED_AT, format_dt(OffsetDateTime::now_utc())),
+            (headers::FAILED_AT, format_dt(failed_at)),
         ]);
         added
     }
@@ -159,13 +163,6 @@ impl Worker {
             .await
             .map(drop)
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A header-sized error text (at most 4 KiB).
