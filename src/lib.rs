@@ -31,6 +31,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Also: the consumer as a stream of batches you acknowledge
+//! ([`Consumer::stream`]), control operations on a running consumer
+//! ([`ConsumerHandle`]), the producer as a sink ([`Producer::sink`]), and a
+//! job queue on the same engine ([`jobs`]).
+//!
 //! ## The promise
 //!
 //! At least once, never a gap: an offset is committed for a partition only
