@@ -133,3 +133,41 @@ async fn the_pipe_acknowledges_an_input_only_after_its_output_is_delivered() {
         );
     }
 }
+
+/// A batch goes by time as well as by count: fed without a flush, the
+/// first message is sent once the next one comes after `max_wait`, while
+/// the batch is far from full; what remains goes on `flush`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_waited_its_max_wait_goes_before_it_is_full() {
+    let broker = broker_with("aged", 1);
+    let producer = Producer::new(&broker.producer_settings()).unwrap();
+    let mut sink = producer
+        .sink::<Value>("aged")
+        .batch_size(1_000)
+        .max_wait(Duration::from_millis(50));
+    sink.feed(Message::new("first", json!(1))).await.unwrap();
+    // The time that the batching is about: more than max_wait.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    sink.feed(Message::new("second", json!(2))).await.unwrap();
+    let end = || -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap_servers())
+            .create()
+            .unwrap();
+        client
+            .fetch_watermarks("aged", 0, Duration::from_secs(10))
+            .unwrap()
+            .1
+    };
+    wait_until("the first message was sent, unflushed", LIMIT, || {
+        tokio::task::block_in_place(end) == 1
+    })
+    .await;
+    sink.flush().await.unwrap();
+    assert_eq!(
+        tokio::task::block_in_place(end),
+        2,
+        "the rest went on flush"
+    );
+}

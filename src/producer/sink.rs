@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures_util::Sink;
 use serde::Serialize;
@@ -15,13 +16,18 @@ use crate::error::Error;
 /// Messages gathered before a batch is sent, unless the sink is flushed first.
 const DEFAULT_BATCH: usize = 500;
 
+/// How long the first message of a batch waits for the batch to fill.
+const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
+
 type Sending<'p> = Pin<Box<dyn Future<Output = Result<Vec<Delivery>, Error>> + Send + 'p>>;
 
 /// The producer as a [`Sink`] of [`Message`]s to one topic: see
 /// [`Producer::sink`].
 ///
-/// Messages are gathered into batches of [`ProducerSink::batch_size`]
-/// (500 by default); a batch is sent when it is full, and whatever is
+/// Messages are gathered into batches by count and by time: a batch is
+/// sent when it holds [`ProducerSink::batch_size`] messages (500 by
+/// default), when a message comes after its first one has waited
+/// [`ProducerSink::max_wait`] (100 ms by default), and whatever is
 /// gathered is sent on `poll_flush` and `poll_close` (which
 /// `StreamExt::forward` calls whenever its stream has nothing ready, and
 /// `SinkExt::send` after each message). Flush and close return once every
@@ -32,7 +38,10 @@ pub struct ProducerSink<'p, T> {
     producer: &'p Producer,
     topic: String,
     batch_size: usize,
+    max_wait: Duration,
     gathering: Vec<Message<T>>,
+    /// When the first message gathered came.
+    gathered_since: Option<Instant>,
     sending: Option<Sending<'p>>,
 }
 
@@ -67,7 +76,9 @@ impl Producer {
             producer: self,
             topic: topic.to_owned(),
             batch_size: DEFAULT_BATCH,
+            max_wait: DEFAULT_MAX_WAIT,
             gathering: Vec::new(),
+            gathered_since: None,
             sending: None,
         }
     }
@@ -78,6 +89,22 @@ impl<'p, T: Serialize + Send + Sync + 'p> ProducerSink<'p, T> {
     pub fn batch_size(mut self, size: usize) -> Self {
         self.batch_size = size.max(1);
         self
+    }
+
+    /// Sends a batch once its first message has waited `wait`, at the next
+    /// message (a sink acts only when it is polled; `forward` and `send`
+    /// also flush whenever their stream has nothing ready).
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+
+    /// True when the batch gathering should go now: full, or waited enough.
+    fn due(&self) -> bool {
+        self.gathering.len() >= self.batch_size
+            || self
+                .gathered_since
+                .is_some_and(|since| since.elapsed() >= self.max_wait)
     }
 
     /// Polls the batch in flight, if any; `Ready(Ok)` once none is.
@@ -96,6 +123,7 @@ impl<'p, T: Serialize + Send + Sync + 'p> ProducerSink<'p, T> {
             return;
         }
         let batch = std::mem::take(&mut self.gathering);
+        self.gathered_since = None;
         let (producer, topic) = (self.producer, self.topic.clone());
         self.sending = Some(Box::pin(async move {
             producer.produce_batch(&topic, &batch).await
@@ -108,10 +136,11 @@ impl<'p, T: Serialize + Send + Sync + 'p> Sink<Message<T>> for ProducerSink<'p, 
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let this = self.get_mut();
-        if this.gathering.len() < this.batch_size {
+        if !this.due() {
             return Poll::Ready(Ok(()));
         }
-        // Full: the batch in flight must be done before this one goes.
+        // Full or waited enough: the batch in flight must be done before
+        // this one goes.
         std::task::ready!(this.poll_sending(cx))?;
         this.start_sending();
         // Poll it once, so that it starts sending now.
@@ -122,7 +151,9 @@ impl<'p, T: Serialize + Send + Sync + 'p> Sink<Message<T>> for ProducerSink<'p, 
     }
 
     fn start_send(self: Pin<&mut Self>, message: Message<T>) -> Result<(), Error> {
-        self.get_mut().gathering.push(message);
+        let this = self.get_mut();
+        this.gathered_since.get_or_insert_with(Instant::now);
+        this.gathering.push(message);
         Ok(())
     }
 
