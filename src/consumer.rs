@@ -48,11 +48,11 @@ use crate::settings::ConsumerSettings;
 use rebalance::PollerContext;
 use state::{Shared, ToPoller};
 
-pub(crate) use control::partitions_of;
+pub(crate) use control::{partition_lags, partitions_of};
 pub use control::{PartitionInfo, PartitionLag};
 pub use events::{ConsumerEvent, ConsumerEvents};
 pub use handle::ConsumerHandle;
-pub(crate) use policy::unit_random;
+pub(crate) use policy::{random_u64, unit_random};
 pub(crate) use runner::panic_message;
 pub use runner::HandlerTimeout;
 pub use stats::ConsumerStats;

@@ -341,6 +341,12 @@ pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
         }
         source = e.source();
     }
+    header_sized(&mut text);
+    text
+}
+
+/// Cuts `text` to at most 4 KiB, on a character boundary: a header's size.
+pub(crate) fn header_sized(text: &mut String) {
     if text.len() > 4096 {
         let mut cut = 4096;
         while !text.is_char_boundary(cut) {
@@ -348,7 +354,6 @@ pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
         }
         text.truncate(cut);
     }
-    text
 }
 
 #[cfg(test)]

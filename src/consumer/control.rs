@@ -222,34 +222,7 @@ impl ConsumerHandle {
         let answers = self
             .on_every_poller(
                 |consumer, st, _shared| -> Result<Vec<PartitionLag>, KafkaError> {
-                    let owned = st.held();
-                    if owned.is_empty() {
-                        return Ok(Vec::new());
-                    }
-                    let mut tpl = TopicPartitionList::with_capacity(owned.len());
-                    for tp in &owned {
-                        tpl.add_partition(&tp.topic, tp.partition);
-                    }
-                    let committed = consumer.committed_offsets(tpl, BROKER_TIMEOUT)?;
-                    let mut lags = Vec::with_capacity(owned.len());
-                    for tp in owned {
-                        let (low, high) =
-                            consumer.fetch_watermarks(&tp.topic, tp.partition, BROKER_TIMEOUT)?;
-                        let at = committed
-                            .find_partition(&tp.topic, tp.partition)
-                            .and_then(|e| match e.offset() {
-                                Offset::Offset(o) => Some(o),
-                                _ => None,
-                            });
-                        let lag = (high - at.unwrap_or(low)).max(0);
-                        lags.push(PartitionLag {
-                            partition: tp,
-                            committed: at,
-                            log_end: high,
-                            lag,
-                        });
-                    }
-                    Ok(lags)
+                    partition_lags(consumer, st.held())
                 },
             )
             .await?;
@@ -387,6 +360,42 @@ pub(crate) fn partitions_of(
         .collect();
     partitions.sort_by_key(|p| p.partition);
     Ok(partitions)
+}
+
+/// For each of `partitions`: the group's committed offset, the log end,
+/// and how far the commit is behind it (from the log start when there is
+/// no commit). One request for the commits, one per partition for the
+/// log ends; for any client of the group (the poller's, or one of its own).
+pub(crate) fn partition_lags<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: Vec<TopicPartition>,
+) -> Result<Vec<PartitionLag>, KafkaError> {
+    if partitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for tp in &partitions {
+        tpl.add_partition(&tp.topic, tp.partition);
+    }
+    let committed = consumer.committed_offsets(tpl, BROKER_TIMEOUT)?;
+    let mut lags = Vec::with_capacity(partitions.len());
+    for tp in partitions {
+        let (low, high) = consumer.fetch_watermarks(&tp.topic, tp.partition, BROKER_TIMEOUT)?;
+        let at = committed
+            .find_partition(&tp.topic, tp.partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        let lag = (high - at.unwrap_or(low)).max(0);
+        lags.push(PartitionLag {
+            partition: tp,
+            committed: at,
+            log_end: high,
+            lag,
+        });
+    }
+    Ok(lags)
 }
 
 /// True when the consumer keeps `tp` paused for reasons of its own.

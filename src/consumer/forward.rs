@@ -11,8 +11,7 @@ use time::OffsetDateTime;
 use super::policy::{Chain, ChainState};
 use crate::envelope::format_dt;
 use crate::error::Error;
-use crate::failure::headers;
-use crate::failure::record::{owned_headers, KeptRecord};
+use crate::failure::record::{owned_headers, FailureHeaders, KeptRecord};
 use crate::failure::FailureInfo;
 use crate::settings::{ConsumerSettings, FailurePolicy};
 
@@ -126,26 +125,23 @@ impl Forwarder {
                 .iter()
                 .map(|h| (h.key.as_slice(), h.value.as_deref())),
         );
-        let (topic, partition, offset) = match earlier.source() {
-            Some((t, p, o)) => (t.to_owned(), p, o),
-            None => (record.topic.to_string(), record.partition, record.offset),
-        };
-        let mut added = vec![
-            (headers::SOURCE_TOPIC, topic),
-            (headers::SOURCE_PARTITION, partition.to_string()),
-            (headers::SOURCE_OFFSET, offset.to_string()),
-            (headers::GROUP, self.group.clone()),
-            (headers::SERVICE, self.service.clone()),
-            (headers::ATTEMPTS, out.attempts.to_string()),
-            (headers::REASON, out.reason.to_owned()),
-            (headers::ERROR, out.error.to_owned()),
-            (headers::FAILED_AT, failed_at.to_owned()),
-        ];
-        if let Destination::Retry { state, due_ms } = out.destination {
-            added.push((headers::RETRIES, state.used.to_string()));
-            added.push((headers::DUE_MS, due_ms.to_string()));
+        let source = earlier
+            .source()
+            .unwrap_or((&record.topic, record.partition, record.offset));
+        FailureHeaders {
+            source: Some(source),
+            group: &self.group,
+            service: &self.service,
+            attempts: out.attempts,
+            reason: out.reason,
+            error: out.error,
+            failed_at,
+            retry: match out.destination {
+                Destination::Retry { state, due_ms } => Some((state.used, due_ms)),
+                Destination::DeadLetter => None,
+            },
         }
-        added
+        .pairs()
     }
 }
 

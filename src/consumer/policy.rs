@@ -106,15 +106,20 @@ impl Chain {
     }
 }
 
-/// A random number in `[0, 1)` for jitter, from the standard library's
-/// randomly seeded hasher (no dependency needed for this).
+/// A random number in `[0, 1)` for jitter (no dependency needed for this).
 pub(crate) fn unit_random() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// 64 random bits, from the standard library's randomly seeded hasher
+/// over a process-wide counter (never the same twice in a process).
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+    hasher.finish()
 }
 
 #[cfg(test)]

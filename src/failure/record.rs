@@ -118,3 +118,46 @@ impl KeptRecord {
         format!("{}:{}:{}:{}", self.topic, self.partition, self.offset, key)
     }
 }
+
+/// What kafka-batch's failure headers say of a record it writes to a retry,
+/// delayed or dead topic (see [`super::headers`]).
+pub(crate) struct FailureHeaders<'a> {
+    /// Where the record was first consumed: topic, partition, offset.
+    pub source: Option<(&'a str, i32, i64)>,
+    pub group: &'a str,
+    pub service: &'a str,
+    pub attempts: u32,
+    pub reason: &'a str,
+    pub error: &'a str,
+    pub failed_at: &'a str,
+    /// For a retry record: the retries used, and when it is due (Unix ms).
+    pub retry: Option<(u32, i64)>,
+}
+
+impl FailureHeaders<'_> {
+    /// The headers as name and value, in the order they are written.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        use super::headers;
+        let mut added = Vec::with_capacity(11);
+        if let Some((topic, partition, offset)) = self.source {
+            added.extend([
+                (headers::SOURCE_TOPIC, topic.to_owned()),
+                (headers::SOURCE_PARTITION, partition.to_string()),
+                (headers::SOURCE_OFFSET, offset.to_string()),
+            ]);
+        }
+        added.extend([
+            (headers::GROUP, self.group.to_owned()),
+            (headers::SERVICE, self.service.to_owned()),
+            (headers::ATTEMPTS, self.attempts.to_string()),
+            (headers::REASON, self.reason.to_owned()),
+            (headers::ERROR, self.error.to_owned()),
+            (headers::FAILED_AT, self.failed_at.to_owned()),
+        ]);
+        if let Some((retries, due_ms)) = self.retry {
+            added.push((headers::RETRIES, retries.to_string()));
+            added.push((headers::DUE_MS, due_ms.to_string()));
+        }
+        added
+    }
+}

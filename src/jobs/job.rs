@@ -77,28 +77,11 @@ impl Job {
     }
 }
 
-/// A fresh 128-bit id, as 32 hex digits: the time, the process and a
-/// counter, mixed by the standard library's randomly seeded hasher (unique
-/// without a dependency for it).
+/// A fresh 128-bit id, as 32 hex digits, from two draws of the
+/// consumer's random source (unique without a dependency for it).
 fn fresh_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let state = std::collections::hash_map::RandomState::new();
-    let mut halves = [0u64; 2];
-    for (i, half) in halves.iter_mut().enumerate() {
-        let mut hasher = state.build_hasher();
-        hasher.write_u64(nanos);
-        hasher.write_u64(count);
-        hasher.write_u32(std::process::id());
-        hasher.write_usize(i);
-        *half = hasher.finish();
-    }
-    format!("{:016x}{:016x}", halves[0], halves[1])
+    use crate::consumer::random_u64;
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// A job on the dead topic, with what the worker that gave up on it wrote.

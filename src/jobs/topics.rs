@@ -7,10 +7,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
 use super::stats::Waiting;
 use crate::error::Error;
+use crate::offsets::TopicPartition;
 use crate::settings::{JobsSettings, Settings};
 
 /// How long a metadata, offsets or admin request may take.
@@ -143,26 +144,14 @@ pub(crate) async fn waiting(settings: &Settings) -> Result<Waiting, Error> {
         let metadata = client.fetch_metadata(None, REQUEST_TIMEOUT)?;
         let mut lags = [0i64; 2];
         for (lag, topic) in lags.iter_mut().zip(&topics) {
-            let partitions: Vec<i32> = crate::consumer::partitions_of(&metadata, topic)?
+            let partitions = crate::consumer::partitions_of(&metadata, topic)?
                 .iter()
-                .map(|p| p.partition)
+                .map(|p| TopicPartition::new(topic, p.partition))
                 .collect();
-            let mut tpl = TopicPartitionList::with_capacity(partitions.len());
-            for p in &partitions {
-                tpl.add_partition(topic, *p);
-            }
-            let committed = client.committed_offsets(tpl, REQUEST_TIMEOUT)?;
-            for p in partitions {
-                let (low, high) = client.fetch_watermarks(topic, p, REQUEST_TIMEOUT)?;
-                let at = committed
-                    .find_partition(topic, p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    })
-                    .unwrap_or(low);
-                *lag += (high - at).max(0);
-            }
+            *lag = crate::consumer::partition_lags(&client, partitions)?
+                .iter()
+                .map(|l| l.lag)
+                .sum();
         }
         Ok(Waiting {
             active: lags[0],

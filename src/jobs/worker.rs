@@ -12,8 +12,8 @@ use super::stats::{Counters, Event};
 use super::Job;
 use crate::envelope::{format_dt, Message};
 use crate::error::Error;
-use crate::failure::headers;
-use crate::failure::record::owned_headers;
+use crate::failure::header_sized;
+use crate::failure::record::{owned_headers, FailureHeaders};
 use crate::producer::Producer;
 
 /// What every worker of a queue shares.
@@ -90,9 +90,14 @@ impl Worker {
                 let failed_ms = (failed_at.unix_timestamp_nanos() / 1_000_000) as i64;
                 let due_ms = failed_ms.saturating_add(wait.as_millis() as i64);
                 tracing::info!(job = %job.id, name = %job.name, attempt, wait_ms = wait.as_millis() as u64, error = %why, "job failed: retried through the delayed topic");
-                let mut added = self.failure_headers(message, FAILED, &why, attempt, failed_at);
-                added.push((headers::RETRIES, attempt.to_string()));
-                added.push((headers::DUE_MS, due_ms.to_string()));
+                let added = self.failure_headers(
+                    message,
+                    FAILED,
+                    &why,
+                    attempt,
+                    failed_at,
+                    Some((attempt, due_ms)),
+                );
                 self.write(&self.delayed_topic, message, &added).await?;
                 self.counters.count(&job.name, Event::Retried, 1);
                 Ok(())
@@ -112,7 +117,8 @@ impl Worker {
         why: &str,
         attempt: u32,
     ) -> Result<(), Error> {
-        let added = self.failure_headers(message, reason, why, attempt, OffsetDateTime::now_utc());
+        let now = OffsetDateTime::now_utc();
+        let added = self.failure_headers(message, reason, why, attempt, now, None);
         self.write(&self.dead_topic, message, &added).await?;
         self.counters
             .count(&message.payload.name, Event::Dead(reason), 1);
@@ -128,22 +134,21 @@ impl Worker {
         why: &str,
         attempts: u32,
         failed_at: OffsetDateTime,
+        retry: Option<(u32, i64)>,
     ) -> Vec<(&'static str, String)> {
-        let mut added = Vec::with_capacity(11);
-        if let Some(origin) = message.origin() {
-            added.push((headers::SOURCE_TOPIC, origin.topic.to_string()));
-            added.push((headers::SOURCE_PARTITION, origin.partition.to_string()));
-            added.push((headers::SOURCE_OFFSET, origin.offset.to_string()));
+        let mut error = why.to_owned();
+        header_sized(&mut error);
+        FailureHeaders {
+            source: message.origin().map(|o| (&*o.topic, o.partition, o.offset)),
+            group: &self.group,
+            service: self.producer.service(),
+            attempts,
+            reason,
+            error: &error,
+            failed_at: &format_dt(failed_at),
+            retry,
         }
-        added.extend([
-            (headers::GROUP, self.group.clone()),
-            (headers::SERVICE, self.producer.service().to_owned()),
-            (headers::ATTEMPTS, attempts.to_string()),
-            (headers::REASON, reason.to_owned()),
-            (headers::ERROR, cap(why)),
-            (headers::FAILED_AT, format_dt(failed_at)),
-        ]);
-        added
+        .pairs()
     }
 
     /// Writes the job, as it was enqueued and derived from the record it was
@@ -155,7 +160,7 @@ impl Worker {
         added: &[(&str, String)],
     ) -> Result<(), Error> {
         let job = &message.payload;
-        let out = Message::new(job.record_key(), job).derived_from(message);
+        let out = job.message().derived_from(message);
         self.producer
             .produce_batch_with_headers(topic, std::slice::from_ref(&out), |_| {
                 Some(owned_headers(&[], false, added))
@@ -163,15 +168,6 @@ impl Worker {
             .await
             .map(drop)
     }
-}
-
-/// A header-sized error text (at most 4 KiB).
-fn cap(text: &str) -> String {
-    let mut cut = text.len().min(4096);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_owned()
 }
 
 /// A job's task, aborted when the worker drops it: a worker dropped
